@@ -10,8 +10,9 @@ A sample is the group of consecutive tar members sharing a key (``<key>.<ext>``)
   ``task`` (``understand`` / ``generate`` / ``reconstruct``). Other keys are kept as they are.
 - optional ``codes.npy``: precomputed tokenizer codes, an integer array (H, W, L) saved by ``np.save``.
 
-:func:`check_sample` returns the problems of a raw sample as ``(kind, message)`` pairs; the builder,
-``data.validate`` and the loader all use it, so they agree on what is valid.
+:func:`check_sample` returns all problems of a raw sample as ``(kind, message)`` pairs (builder,
+``data.validate``); the loader uses the same per-member checks (:func:`sample_image`,
+:func:`sample_meta`, :func:`sample_codes`), which raise :class:`SampleError`, so all agree on validity.
 """
 
 from __future__ import annotations
@@ -114,36 +115,70 @@ def check_meta(meta: Any) -> list[str]:
     return problems
 
 
+class SampleError(ValueError):
+    """A sample that violates the schema; ``kind`` is one of the error-kind constants above."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+def sample_image(sample: dict[str, Any]) -> Image.Image:
+    """The decoded RGB image of a raw sample, or SampleError(missing/multiple/bad image)."""
+    images = [e for e in IMAGE_EXTS if e in sample]
+    if not images:
+        raise SampleError(MISSING_IMAGE, "no jpg/png/webp member")
+    if len(images) > 1:
+        raise SampleError(MULTIPLE_IMAGES, f"several image members: {images}")
+    try:
+        return decode_image(sample[images[0]])
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise SampleError(BAD_IMAGE, f"{images[0]}: {type(e).__name__}: {e}") from None
+
+
+def sample_meta(sample: dict[str, Any]) -> dict:
+    """The parsed, schema-checked ``json`` member, or SampleError(missing/bad json, bad schema)."""
+    if "json" not in sample:
+        raise SampleError(MISSING_JSON, "no json member")
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError(BAD_JSON, f"json: {e}") from None
+    problems = check_meta(meta)
+    if problems:
+        raise SampleError(BAD_SCHEMA, "; ".join(problems))
+    return meta
+
+
+def sample_codes(sample: dict[str, Any]) -> np.ndarray | None:
+    """The ``codes.npy`` array if present, or SampleError(bad codes)."""
+    if CODES_EXT not in sample:
+        return None
+    try:
+        return decode_codes(sample[CODES_EXT])
+    except Exception as e:
+        raise SampleError(BAD_CODES, f"{CODES_EXT}: {e}") from None
+
+
 def check_sample(sample: dict[str, Any], *, decode: bool = True) -> list[tuple[str, str]]:
-    """All schema problems of a raw sample ``{"__key__": str, ext: bytes, ...}`` as (kind, message)."""
+    """All schema problems of a raw sample ``{"__key__": str, ext: bytes, ...}`` as (kind, message).
+
+    ``decode=False`` skips decoding the image (only its presence is checked).
+    """
     errors: list[tuple[str, str]] = []
     key = sample.get("__key__", "")
     if not isinstance(key, str) or not KEY_RE.match(key):
         errors.append((BAD_KEY, f"key {key!r} must match {KEY_RE.pattern}"))
-    images = [e for e in IMAGE_EXTS if e in sample]
-    if not images:
+    checks = [sample_meta, sample_codes]
+    if decode:
+        checks.insert(0, sample_image)
+    elif not any(e in sample for e in IMAGE_EXTS):
         errors.append((MISSING_IMAGE, "no jpg/png/webp member"))
-    elif len(images) > 1:
-        errors.append((MULTIPLE_IMAGES, f"several image members: {images}"))
-    elif decode:
+    for check in checks:
         try:
-            decode_image(sample[images[0]])
-        except Exception as e:  # PIL raises many types for corrupt data
-            errors.append((BAD_IMAGE, f"{images[0]}: {type(e).__name__}: {e}"))
-    if "json" not in sample:
-        errors.append((MISSING_JSON, "no json member"))
-    else:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            errors.append((BAD_JSON, f"json: {e}"))
-        else:
-            errors.extend((BAD_SCHEMA, p) for p in check_meta(meta))
-    if CODES_EXT in sample:
-        try:
-            decode_codes(sample[CODES_EXT])
-        except Exception as e:
-            errors.append((BAD_CODES, f"{CODES_EXT}: {e}"))
+            check(sample)
+        except SampleError as e:
+            errors.append((e.kind, str(e)))
     return errors
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 

@@ -28,9 +28,10 @@ import sys
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -115,7 +116,7 @@ def coerce(value: Any, tp: Any, key: str, *, from_cli: bool = False) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
-            return tuple(coerce(v, a, f"{key}.{i}", from_cli=from_cli) for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(coerce(v, a, f"{key}.{i}", from_cli=from_cli) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         out = [coerce(v, item, f"{key}.{i}", from_cli=from_cli) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -156,7 +157,7 @@ def coerce(value: Any, tp: Any, key: str, *, from_cli: bool = False) -> Any:
     raise ConfigError(key, f"unsupported annotation {tp!r} in config schema")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -337,7 +338,7 @@ def dump_config(cfg: Any, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- docs and --help
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal under each field), merged over the MRO."""
     docs: dict[str, str] = {}

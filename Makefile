@@ -1,0 +1,50 @@
+# unimllm — `make demo` (install + the main job on the built-in shapes world) and `make test`.
+# Every target installs first, so both work on a fresh machine with nothing installed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# CPU machines pin the local CPU torch wheel; machines with a CUDA GPU resolve torch freely.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+CONSTRAINTS := $(if $(filter 0,$(HAS_GPU)),-c constraints/cpu.txt,)
+STAMP  := $(VENV)/.installed-$(HAS_GPU)
+RUNS   ?= runs
+# Threads: never more than the cores we have (oversubscribing 2 cores made a prototype 8x slower).
+NPROC  := $(shell nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS ?= $(NPROC)
+export WANDB_MODE ?= offline
+
+.PHONY: install test lint demo shapes stage1 stage2 stage3 eval bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev]"
+	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision is installed: unimllm must not depend on it' if importlib.util.find_spec('torchvision') else 0)"
+	@if [ "$(HAS_GPU)" = 0 ]; then $(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v == '2.13.0+cpu' else 'expected torch 2.13.0+cpu on a CPU machine, got ' + v)"; fi
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+# The main job on the built-in default. Stages 1-3 and eval join this chain as they land.
+demo: install shapes
+	$(PY) -m data.validate $(RUNS)/shapes/demo/train/*.tar $(RUNS)/shapes/demo/val/*.tar
+	$(PY) benchmarks/loader.py --shards "$(RUNS)/shapes/demo/train/*.tar" --out $(RUNS)/bench/loader.json
+
+shapes: install
+	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n-val 500 --level demo
+
+stage1 stage2 stage3 eval:
+	@echo "make $@: not implemented yet (lands with its issue: stage1 #3, stage2 #4, eval #5, stage3 #6)" >&2; exit 2
+
+bench: install
+	$(PY) benchmarks/loader.py
+
+clean:
+	rm -rf $(RUNS) .pytest_cache .ruff_cache
