@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -25,11 +26,12 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data.schema import (
@@ -55,6 +57,7 @@ UNREADABLE_FILE = "unreadable_file"
 BAD_CAPTION = "bad_caption"
 BAD_RECORD = "bad_record"
 UNEXPECTED = "unexpected_error"
+IN_FLIGHT_PER_WORKER = 16  # items submitted ahead of the writer, per worker (bounds memory)
 
 _PIL_TO_EXT = {fmt: ext for ext, fmt in PIL_FORMATS.items()}
 _NON_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
@@ -285,15 +288,17 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None,
     try:
         data = Path(item.image).read_bytes()
     except FileNotFoundError:
-        return None, (MISSING_FILE, f"{item.image}: no such file")
+        return None, (MISSING_FILE, "no such file")
     except OSError as e:
-        return None, (UNREADABLE_FILE, f"{item.image}: {e.strerror or e}")
+        return None, (UNREADABLE_FILE, str(e.strerror or e))
     try:
         with Image.open(io.BytesIO(data)) as probe:
             src_ext = _PIL_TO_EXT.get(probe.format or "")
         img = decode_image(data)
+    except UnidentifiedImageError:
+        return None, (BAD_IMAGE, "empty file" if not data else "not an image PIL can read")
     except Exception as e:  # PIL raises many types for corrupt data
-        return None, (BAD_IMAGE, f"{item.image}: {type(e).__name__}: {e}")
+        return None, (BAD_IMAGE, f"{type(e).__name__}: {e}")
     ext = (src_ext or "png") if opts.fmt == "keep" else opts.fmt
     resize = opts.max_side > 0 and max(img.size) > opts.max_side
     if resize:
@@ -311,25 +316,23 @@ def _work(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None, tuple
     try:
         return encode_item(item, opts)
     except Exception as e:  # reported per item, never a crash of the whole build
-        return None, (UNEXPECTED, f"{item.image}: {type(e).__name__}: {e}")
+        return None, (UNEXPECTED, f"{type(e).__name__}: {e}")
 
 
 def _outcomes(items: Iterator[Item], opts: EncodeOptions, workers: int) -> Iterator[tuple[Item, Any, Any]]:
-    """``(item, sample, error)`` in input order; a bounded window of items is in flight in the pool."""
+    """``(item, sample, error)`` in input order, with a bounded number of items in flight."""
     if workers <= 1:
         for item in items:
             yield (item, None, item.error) if item.error else (item, *_work(item, opts))
         return
     with mp.get_context("spawn").Pool(workers) as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append((item, None if item.error else pool.apply_async(_work, (item, opts))))
-            if len(pending) >= 16 * workers:
-                item, job = pending.popleft()
-                yield (item, None, item.error) if job is None else (item, *job.get())
-        while pending:
-            item, job = pending.popleft()
-            yield (item, None, item.error) if job is None else (item, *job.get())
+        for item in itertools.chain(items, [None]):
+            if item is not None:
+                pending.append((item, None if item.error else pool.apply_async(_work, (item, opts))))
+            while pending and (item is None or len(pending) >= IN_FLIGHT_PER_WORKER * workers):
+                done, job = pending.popleft()
+                yield (done, None, done.error) if job is None else (done, *job.get())
 
 
 # ----------------------------------------------------------------------------- build
@@ -409,7 +412,10 @@ def build(
             for item, sample, error in _outcomes(items, EncodeOptions(max_side, fmt, quality), workers):
                 bar.update()
                 if error is not None:
-                    summary.skip(error[0], item.ident, error[1])
+                    reason, message = error
+                    if item.image not in (None, item.ident):  # name the image of a JSON record
+                        message = f"{item.image}: {message}"
+                    summary.skip(reason, item.ident, message)
                     bar.set_postfix(skipped=sum(summary.skip_counts.values()), refresh=False)
                     continue
                 key = unique_key(sample["__key__"], used)
@@ -425,7 +431,7 @@ def build(
     summary.seconds = time.monotonic() - t0
     summary_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = summary_file.with_name(summary_file.name + ".tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, summary_file)
     return summary
 

@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from data.schema import SampleError, sample_codes, sample_image, sample_meta
-from data.tar_index import ShardIndex, index_shard, read_sample
+from data.schema import SampleError, sample_codes, sample_meta, sample_pixels
+from data.tar_index import ShardIndex, index_shard, open_mmap, read_sample
 from data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -69,27 +69,35 @@ CollateFn = Callable[[list], Any]
 
 
 class ImageTextDecoder:
-    """Default map function: raw sample -> ``{"__key__", "image" (3,R,R) in [-1,1], "json", "codes"?}``."""
+    """Default map function: raw sample -> ``{"__key__", "image" uint8 (R, R, 3), "json", "codes"?}``.
+
+    Images stay uint8 until :func:`data.transforms.normalize` runs on the training device.
+    """
 
     def __init__(self, cfg: DataConfig):
         self.transform = ImageTransform(cfg.image)
 
     def __call__(self, raw: RawSample, ctx: SampleContext) -> dict:
         meta = sample_meta(raw)
-        out = {"__key__": raw["__key__"], "image": self.transform(sample_image(raw), ctx.rng), "json": meta}
+        img = sample_pixels(raw, self.transform.decode_min_side)
+        image = self.transform(img, ctx.rng if self.transform.needs_rng else None)
+        out = {"__key__": raw["__key__"], "image": image, "json": meta}
         codes = sample_codes(raw)
         if codes is not None:
-            out["codes"] = torch.from_numpy(codes.astype(np.int64))  # (H, W, L)
+            out["codes"] = codes.astype(np.int64)  # (H, W, L)
         return out
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack same-shape tensors, keep everything else as lists (a key missing in a sample -> None)."""
+    """Stack same-shape tensors/arrays into tensors; keep the rest as lists (missing key -> None)."""
     keys = list(dict.fromkeys(k for s in samples for k in s))
     out: dict[str, Any] = {}
     for k in keys:
         vals = [s.get(k) for s in samples]
-        if all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+        same_shape = len({getattr(v, "shape", None) for v in vals}) == 1
+        if same_shape and all(isinstance(v, np.ndarray) for v in vals):
+            out[k] = torch.from_numpy(np.stack(vals))  # one copy, into the batch
+        elif same_shape and all(torch.is_tensor(v) for v in vals):
             out[k] = torch.stack(vals)
         else:
             out[k] = vals
@@ -211,7 +219,7 @@ class _WorkerStream(IterableDataset):
             for pos, (sid, i) in enumerate(itertools.islice(self.order(logical), start, None), start):
                 idx = self.s.shards[sid]
                 try:
-                    f = files.get(sid) or files.setdefault(sid, open(idx.path, "rb"))
+                    f = files.get(sid) or files.setdefault(sid, open_mmap(idx.path))
                     raw = read_sample(f, idx, i)
                     ctx = SampleContext([cfg.seed, self.epoch, self.rank, logical, pos])
                     items.append(self.map_fn(raw, ctx))

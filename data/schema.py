@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+try:  # JPEG straight into a numpy array (libjpeg-turbo, bitwise equal to PIL's full-scale decode)
+    import simplejpeg
+except ImportError:  # pragma: no cover - optional speed-up, PIL is the fallback
+    simplejpeg = None
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 EXT_ALIASES = {"jpeg": "jpg"}
@@ -58,11 +64,37 @@ def image_ext(sample: dict[str, Any]) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes to RGB (truncated files raise, they are not padded with grey)."""
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Fully decode image bytes to RGB (truncated files raise, they are not padded with grey).
+
+    ``min_side``: the caller only needs a short side >= min_side, so JPEGs may be decoded at a
+    reduced DCT scale (PIL draft mode: 1/2, 1/4, 1/8), never below it.
+    """
     img = Image.open(io.BytesIO(data))
+    if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+        scale = min_side / min(img.size)
+        img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
     img.load()
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_pixels(data: bytes, min_side: int | None = None) -> np.ndarray | Image.Image:
+    """Decode for training: JPEG -> uint8 array (H, W, 3) via simplejpeg; anything else -> PIL RGB.
+
+    Same validity rules as :func:`decode_image` (simplejpeg is strict; on its error PIL decides).
+    """
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            kw = {}
+            if min_side:
+                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+                if min(h, w) >= 2 * min_side:
+                    scale = min_side / min(h, w)
+                    kw = {"min_height": math.ceil(h * scale), "min_width": math.ceil(w * scale)}
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
+        except ValueError:
+            pass  # e.g. CMYK or a recoverable libjpeg warning: let PIL decide
+    return decode_image(data, min_side)
 
 
 def encode_image(img: Image.Image, ext: str, quality: int = 95) -> bytes:
@@ -123,15 +155,15 @@ class SampleError(ValueError):
         super().__init__(message)
 
 
-def sample_image(sample: dict[str, Any]) -> Image.Image:
-    """The decoded RGB image of a raw sample, or SampleError(missing/multiple/bad image)."""
+def sample_image(sample: dict[str, Any], min_side: int | None = None) -> Image.Image:
+    """The decoded RGB image of a raw sample (see :func:`decode_image`), or SampleError."""
     images = [e for e in IMAGE_EXTS if e in sample]
     if not images:
         raise SampleError(MISSING_IMAGE, "no jpg/png/webp member")
     if len(images) > 1:
         raise SampleError(MULTIPLE_IMAGES, f"several image members: {images}")
     try:
-        return decode_image(sample[images[0]])
+        return decode_image(sample[images[0]], min_side)
     except Exception as e:  # PIL raises many types for corrupt data
         raise SampleError(BAD_IMAGE, f"{images[0]}: {type(e).__name__}: {e}") from None
 
@@ -148,6 +180,17 @@ def sample_meta(sample: dict[str, Any]) -> dict:
     if problems:
         raise SampleError(BAD_SCHEMA, "; ".join(problems))
     return meta
+
+
+def sample_pixels(sample: dict[str, Any], min_side: int | None = None) -> np.ndarray | Image.Image:
+    """Like :func:`sample_image` but through the fast :func:`decode_pixels` (training path)."""
+    images = [e for e in IMAGE_EXTS if e in sample]
+    if len(images) != 1:
+        sample_image(sample)  # raises the right SampleError
+    try:
+        return decode_pixels(sample[images[0]], min_side)
+    except Exception as e:
+        raise SampleError(BAD_IMAGE, f"{images[0]}: {type(e).__name__}: {e}") from None
 
 
 def sample_codes(sample: dict[str, Any]) -> np.ndarray | None:

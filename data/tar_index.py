@@ -12,6 +12,7 @@ A file with no readable sample raises :class:`ShardError` naming it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import tarfile
@@ -145,17 +146,30 @@ def index_shard(path: str | os.PathLike) -> ShardIndex:
     return idx
 
 
-def read_sample(f: BinaryIO, idx: ShardIndex, i: int) -> dict[str, bytes | str]:
-    """Raw sample ``i`` as ``{"__key__": key, "__shard__": path, ext: bytes, ...}`` (one seek+read)."""
+def read_sample(f: BinaryIO | mmap.mmap, idx: ShardIndex, i: int) -> dict[str, bytes | str]:
+    """Raw sample ``i`` as ``{"__key__": key, "__shard__": path, ext: bytes, ...}``.
+
+    ``f`` is the open shard file or (faster: no seek/read syscalls) an ``mmap`` of it.
+    """
     spans = idx.spans[i]
+    sample: dict[str, bytes | str] = {"__key__": idx.keys[i], "__shard__": idx.path}
+    if isinstance(f, mmap.mmap):
+        for ext, (off, n) in zip(idx.exts[i], spans.tolist()):
+            sample[ext] = f[off : off + n]
+        return sample
     start = int(spans[0, 0])
     stop = int((spans[:, 0] + spans[:, 1]).max())
     f.seek(start)
     buf = f.read(stop - start)
-    sample: dict[str, bytes | str] = {"__key__": idx.keys[i], "__shard__": idx.path}
     for ext, (off, n) in zip(idx.exts[i], spans.tolist()):
         sample[ext] = buf[off - start : off - start + n]
     return sample
+
+
+def open_mmap(path: str) -> mmap.mmap:
+    """Read-only memory map of a shard (for :func:`read_sample`)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, bytes | str]]:

@@ -1,9 +1,12 @@
-"""Image transforms without torchvision: ADM-style center / random crop, flip, [-1, 1] tensors.
+"""Image transforms without torchvision: ADM-style center / random crop, flip, [-1, 1] normalisation.
 
 The crops follow guided-diffusion's ``center_crop_arr`` / ``random_crop_arr`` (also used by LlamaGen
 and EvoTok): halve with a BOX filter while the short side is >= 2x the target, then resize with
 BICUBIC so the short side matches, then crop. Randomness comes from a numpy Generator passed by the
 caller (the loader seeds it from the sample's position, so a resumed run reproduces every crop).
+
+The loader ships images as uint8 ``(H, W, 3)`` tensors (4x less memory and inter-process traffic than
+float); :func:`normalize` turns a batch into model input ``(B, 3, H, W)`` in [-1, 1] on the device.
 """
 
 from __future__ import annotations
@@ -44,10 +47,24 @@ def random_crop(
     return img.crop((left, top, left + resolution, top + resolution))
 
 
+def to_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> uint8 array (H, W, 3), read-only view of one copy of the pixels."""
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (H, W, 3)."""
+    return torch.from_numpy(np.array(to_array(img)))  # writable copy
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]; run it on the training device."""
+    return images.movedim(-1, -3).float().div_(127.5).sub_(1.0)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
-    arr = np.array(img.convert("RGB") if img.mode != "RGB" else img)  # (H, W, 3) uint8, writable copy
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return normalize(to_uint8(img))
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -57,17 +74,34 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 class ImageTransform:
-    """``ImageConfig`` -> callable(PIL image, rng) -> tensor (3, res, res) in [-1, 1]."""
+    """``ImageConfig`` -> callable(PIL image, rng) -> uint8 array (res, res, 3).
+
+    Arrays (not tensors) so the collate function copies pixels once, into the stacked batch.
+
+    ``needs_rng`` is False for deterministic (eval) settings, so callers may pass ``rng=None``.
+    ``decode_min_side`` is the smallest short side the crop needs: decoders may downscale on load
+    (JPEG draft mode) to that size.
+    """
 
     def __init__(self, cfg: ImageConfig):
         self.cfg = cfg
+        self.needs_rng = cfg.crop == "random" or cfg.flip
+        self.decode_min_side = (
+            math.ceil(cfg.resolution / cfg.min_crop_frac) if cfg.crop == "random" else cfg.resolution
+        )
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         c = self.cfg
-        if c.crop == "random":
-            img = random_crop(img, c.resolution, rng, c.min_crop_frac)
-        elif img.size != (c.resolution, c.resolution):
-            img = center_crop(img, c.resolution)
-        if c.flip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        if isinstance(img, np.ndarray):
+            if c.crop == "center" and img.shape[:2] == (c.resolution, c.resolution):
+                arr = img  # already the right size: no PIL round trip
+            else:
+                return self(Image.fromarray(img), rng)
+        elif c.crop == "random":
+            assert rng is not None
+            arr = to_array(random_crop(img, c.resolution, rng, c.min_crop_frac))
+        else:
+            arr = to_array(img if img.size == (c.resolution, c.resolution) else center_crop(img, c.resolution))
+        if c.flip and rng is not None and rng.random() < 0.5:
+            arr = arr[:, ::-1]  # (H, W, 3) view; the collate copy makes it contiguous
+        return arr

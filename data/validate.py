@@ -13,15 +13,24 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import braceexpand
 from tqdm import tqdm
 
 from data.schema import check_sample
-from data.tar_index import BAD_MEMBER, CORRUPT_TAR, DUPLICATE_MEMBER, TRUNCATED, ShardError, index_shard, read_sample
+from data.tar_index import (
+    BAD_MEMBER,
+    CORRUPT_TAR,
+    DUPLICATE_MEMBER,
+    TRUNCATED,
+    ShardError,
+    index_shard,
+    read_sample,
+)
 
 UNUSABLE_SHARD = "unusable_shard"
 DUPLICATE_KEY = "duplicate_key"

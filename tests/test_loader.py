@@ -15,6 +15,7 @@ from data.loader import StreamingLoader, expand_shards
 from data.schema import BAD_IMAGE, BAD_JSON, make_sample
 from data.shard_writer import ShardWriter
 from data.tar_index import ShardError, index_shard
+from data.transforms import normalize
 from unimllm.config import ConfigError, from_dict
 
 
@@ -212,7 +213,9 @@ def test_codes_are_decoded(tmp_path):
                                               shuffle_buffer=0))))
     assert batch["codes"].shape == (4, 2, 2, 3) and batch["codes"].dtype == torch.int64
     assert [int(c[0, 0, 0]) for c in batch["codes"]] == [0, 1, 2, 3]
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == torch.uint8
+    x = normalize(batch["image"])
+    assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
 
 
 def test_loader_reads_png_bytes_as_written(tmp_path):
