@@ -1,0 +1,507 @@
+"""The shapes world: a synthetic, seeded, CPU-cheap image/text dataset (documented in docs/shapes.md).
+
+Every image is drawn FROM a GenEval-format spec (one of the six GenEval tags, shape names as
+classes), so its record carries the prompt it satisfies, a complete caption, ground-truth objects,
+LLaVA-style conversations and MME-style yes/no pairs. Sample ``i`` of a split is rendered from an
+RNG seeded by ``(seed, split, i)`` alone, so output never depends on worker count or order.
+
+Pure API for other stages: :func:`render_scene` (arrays + record), :func:`render_sample` (a raw
+sample in the ``data.schema`` format), :func:`sample_geneval_spec`, :func:`preset`. Writing
+shards / prompt files / the MME layout lives in ``data.shapes_cli`` (``python -m data.shapes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from data.schema import make_sample
+from unimllm.config import ConfigError
+
+# ----------------------------------------------------------------------------- vocabulary
+
+# GenEval's ten colours; RGB values chosen far apart and far from the grey background (docs/shapes.md).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "orange": (250, 140, 20),
+    "yellow": (245, 225, 40),
+    "green": (35, 165, 65),
+    "blue": (35, 80, 225),
+    "purple": (140, 45, 200),
+    "pink": (250, 145, 205),
+    "brown": (125, 75, 30),
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SPLITS = {"train": 0, "val": 1, "geneval": 2}  # disjoint SeedSequence streams per split
+POSITION_THRESHOLD = 0.1  # GenEval's default position_threshold
+MIN_BG_DISTANCE = 80.0  # RGB distance every object colour keeps from the background colour
+MME_SUFFIX = " Please answer yes or no."
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ShapesConfig:
+    """Difficulty of the shapes world. Sizes are fractions of the image side so presets scale."""
+
+    image_size: int = 64
+    "Image side in pixels (square images)."
+    supersample: int = 4
+    "Anti-aliasing: coverage is computed on a supersample x supersample sub-pixel grid."
+    shapes: tuple[str, ...] = SHAPES
+    "Shape classes (subset of circle, square, triangle); they are the GenEval class names."
+    colors: tuple[str, ...] = ("red", "yellow", "green", "blue", "white", "black")
+    "Object colours (subset of GenEval's ten; RGB in data.shapes.PALETTE)."
+    max_objects: int = 3
+    "Most objects in one image (counting prompts ask for 2..max_objects)."
+    object_size: tuple[float, float] = (0.25, 0.4)
+    "Range of an object's bounding-box side as a fraction of the image side."
+    min_gap: float = 0.06
+    "Smallest gap between two objects' bounding boxes (fraction of the side); objects never overlap."
+    margin: float = 0.03
+    "Smallest distance between an object and the image border (fraction of the side)."
+    background: Literal["plain", "textured"] = "plain"
+    "Background kind: one flat colour, or that colour with smooth low-frequency texture and grain."
+    background_color: tuple[int, int, int] = (128, 128, 128)
+    "Background RGB; must stay far (MIN_BG_DISTANCE) from every object colour."
+    background_jitter: int = 0
+    "Per-image brightness offset of the background, uniform in [-jitter, +jitter]."
+    texture_amplitude: float = 0.0
+    "Textured background: standard deviation (0-255 scale) of the low-frequency texture."
+    tag_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TAGS, 1.0))
+    "Relative frequency of the six GenEval tags each image is drawn for."
+    position_margin: float = 0.1
+    "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this."
+    qa_turns: int = 2
+    "Question-answer turns after the describe turn in each conversation."
+
+    def validate(self) -> None:
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError("image_size", f"must be in [16, 1024], got {self.image_size}")
+        if not 1 <= self.supersample <= 8:
+            raise ConfigError("supersample", "must be in [1, 8]")
+        for key, values, known in (("shapes", self.shapes, SHAPES), ("colors", self.colors, tuple(PALETTE))):
+            bad = [v for v in values if v not in known]
+            if bad or not values or len(set(values)) != len(values):
+                raise ConfigError(key, f"need distinct values from {known}, got {list(values)}")
+        lo, hi = self.object_size
+        if not 0.05 <= lo <= hi <= 0.6:
+            raise ConfigError("object_size", f"need 0.05 <= min <= max <= 0.6, got {self.object_size}")
+        if not 1 <= self.max_objects <= 8:
+            raise ConfigError("max_objects", "must be in [1, 8]")
+        usable = 1.0 - 2 * self.margin
+        if math.ceil(math.sqrt(self.max_objects)) * (lo + self.min_gap) > usable or hi > usable:
+            raise ConfigError("object_size", f"{self.max_objects} objects of size {lo} do not fit with the gaps")
+        if any(not 0 <= c <= 255 for c in self.background_color):
+            raise ConfigError("background_color", "channels must be in [0, 255]")
+        bg = np.array(self.background_color, float)
+        for c in self.colors:
+            d = float(np.linalg.norm(np.array(PALETTE[c], float) - bg))
+            if d - self.background_jitter * math.sqrt(3) < MIN_BG_DISTANCE:
+                raise ConfigError("background_color", f"too close to object colour {c!r} ({d:.0f} < {MIN_BG_DISTANCE})")
+        if self.texture_amplitude < 0 or self.background_jitter < 0:
+            raise ConfigError("texture_amplitude", "texture amplitude and jitter must be >= 0")
+        bad_tags = [t for t in self.tag_weights if t not in TAGS]
+        if bad_tags or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
+            raise ConfigError("tag_weights", f"need non-negative weights over {TAGS} with a positive sum")
+        needs = {"two_object": len(self.shapes) >= 2, "position": len(self.shapes) >= 2,
+                 "color_attr": len(self.shapes) >= 2 and len(self.colors) >= 2, "counting": self.max_objects >= 2}
+        for tag, ok in needs.items():
+            if self.tag_weights.get(tag, 0) > 0 and not ok:
+                raise ConfigError("tag_weights", f"tag {tag!r} is impossible with these shapes/colours/max_objects")
+
+
+def preset(level: str) -> ShapesConfig:
+    """``demo``: big objects, 6 far-apart colours, 1-3 objects, plain grey. ``full``: 10 colours, 1-4, texture."""
+    if level == "demo":
+        return ShapesConfig()
+    if level == "full":
+        return ShapesConfig(colors=tuple(PALETTE), max_objects=4, object_size=(0.15, 0.32), min_gap=0.05,
+                            background="textured", background_jitter=12, texture_amplitude=6.0)
+    raise ConfigError("level", f"unknown level {level!r} (demo, full)")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD, cutoff: float = 0.5) -> set[str]:
+    """Relations of box A relative to box B under GenEval's rule (boxes ``(x0, y0, x1, y1)``, y down).
+
+    Re-implemented from ``relative_position`` in djghosh13/geneval evaluation/evaluate_images.py
+    (MIT): the centre offset is shrunk per axis by ``threshold * (dim_a + dim_b)``; a relation holds
+    when the shrunk offset, divided by the full offset's length, passes ``cutoff`` on that axis.
+    """
+    a, b = np.asarray(box_a, float)[:4], np.asarray(box_b, float)[:4]
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = set()
+    if dx < -cutoff:
+        rels.add("left of")
+    if dx > cutoff:
+        rels.add("right of")
+    if dy < -cutoff:
+        rels.add("above")
+    if dy > cutoff:
+        rels.add("below")
+    return rels
+
+
+def robust_relations(box_a, box_b, margin: float) -> set[str]:
+    """Relations that still hold with GenEval's threshold and cutoff both raised by ``margin``."""
+    return relative_position(box_a, box_b, POSITION_THRESHOLD + margin, 0.5 + margin)
+
+
+def coverage(shape: str, box, height: int, width: int, ss: int = 4) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Anti-aliased coverage in [0, 1] of an ideal ``shape`` filling ``box`` (continuous pixel coords).
+
+    Returns ``(window, alpha)``: ``alpha`` (float32, the window's shape) is the fraction of the
+    ``ss x ss`` sub-pixel centres of each pixel inside the shape. Triangles are upright isosceles
+    (apex at the top centre, base on the box bottom); circles are inscribed ellipses.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    c0, c1 = max(int(math.floor(x0)), 0), min(int(math.ceil(x1)), width)
+    r0, r1 = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)), height)
+    window = (slice(r0, r1), slice(c0, c1))
+    if c1 <= c0 or r1 <= r0:
+        return window, np.zeros((max(r1 - r0, 0), max(c1 - c0, 0)), np.float32)
+    u = c0 + (np.arange((c1 - c0) * ss) + 0.5) / ss  # sub-pixel centres, x
+    v = r0 + (np.arange((r1 - r0) * ss) + 0.5) / ss  # sub-pixel centres, y
+    uu, vv = u[None, :], v[:, None]
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
+    if shape == "circle":
+        inside = ((uu - cx) / hw) ** 2 + ((vv - cy) / hh) ** 2 <= 1.0
+    elif shape == "square":
+        inside = (np.abs(uu - cx) <= hw) & (np.abs(vv - cy) <= hh)
+    elif shape == "triangle":
+        t = (vv - y0) / (y1 - y0 + 1e-6)  # 0 at the apex, 1 at the base
+        inside = (t >= 0) & (t <= 1) & (np.abs(uu - cx) <= t * hw)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    alpha = inside.reshape(r1 - r0, ss, c1 - c0, ss).mean(axis=(1, 3), dtype=np.float32)
+    return window, alpha
+
+
+# ----------------------------------------------------------------------------- GenEval specs
+
+
+def sample_geneval_spec(cfg: ShapesConfig, rng: np.random.Generator, tag: str | None = None) -> tuple[dict, list]:
+    """A GenEval-format metadata dict and the ``[shape, colour]`` list of the objects it implies.
+
+    Templates, clause keys and key order mirror prompts/evaluation_metadata.jsonl of GenEval; the
+    relation of a position prompt is carried by the second include clause (``[rel, 0]``).
+    """
+    if tag is None:
+        tags = [t for t in TAGS if cfg.tag_weights.get(t, 0) > 0]
+        w = np.array([cfg.tag_weights[t] for t in tags], float)
+        tag = tags[rng.choice(len(tags), p=w / w.sum())]
+    shapes, colors = list(cfg.shapes), list(cfg.colors)
+
+    def pick(seq, k=1):
+        return [seq[j] for j in rng.choice(len(seq), size=k, replace=False)]
+
+    def color():
+        return colors[rng.integers(len(colors))]
+
+    meta: dict[str, Any] = {"tag": tag}
+    if tag == "single_object":
+        (a,) = pick(shapes)
+        meta["include"] = [{"class": a, "count": 1}]
+        prompt, objs = f"a photo of {article(a)} {a}", [[a, color()]]
+    elif tag == "two_object":
+        a, b = pick(shapes, 2)
+        meta["include"] = [{"class": a, "count": 1}, {"class": b, "count": 1}]
+        prompt, objs = f"a photo of {article(a)} {a} and {article(b)} {b}", [[a, color()], [b, color()]]
+    elif tag == "counting":
+        (a,) = pick(shapes)
+        n = int(rng.integers(2, cfg.max_objects + 1))
+        meta["include"] = [{"class": a, "count": n}]
+        meta["exclude"] = [{"class": a, "count": n + 1}]
+        prompt, objs = f"a photo of {NUMBERS[n]} {PLURALS[a]}", [[a, color()] for _ in range(n)]
+    elif tag == "colors":
+        (a,), c = pick(shapes), color()
+        meta["include"] = [{"class": a, "count": 1, "color": c}]
+        prompt, objs = f"a photo of {article(c)} {c} {a}", [[a, c]]
+    elif tag == "position":
+        a, b = pick(shapes, 2)
+        rel = RELATIONS[rng.integers(4)]
+        meta["include"] = [{"class": a, "count": 1}, {"class": b, "count": 1, "position": [rel, 0]}]
+        prompt, objs = f"a photo of {article(b)} {b} {rel} {article(a)} {a}", [[a, color()], [b, color()]]
+    elif tag == "color_attr":
+        a, b = pick(shapes, 2)
+        ca, cb = pick(colors, 2)
+        meta["include"] = [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
+        prompt, objs = f"a photo of {article(ca)} {ca} {a} and {article(cb)} {cb} {b}", [[a, ca], [b, cb]]
+    else:
+        raise ValueError(f"unknown GenEval tag {tag!r}")
+    meta["prompt"] = prompt
+    return meta, objs
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def location(obj: dict, side: int) -> str:
+    """Coarse 3x3-grid location phrase of an object's centre ("at the top left", "in the center")."""
+    col, row = (min(int(v / side * 3), 2) for v in obj["center"])
+    r, c = ("top", "middle", "bottom")[row], ("left", "center", "right")[col]
+    if (row, col) == (1, 1):
+        return "in the center"
+    if row == 1:
+        return f"on the {c}"
+    return f"at the {r}" if col == 1 else f"at the {r} {c}"
+
+
+def describe(objects: list[dict], i: int) -> str | None:
+    """A unique referring phrase for object ``i`` ("the circle", "the red circle"), or None."""
+    o = objects[i]
+    if sum(p["shape"] == o["shape"] for p in objects) == 1:
+        return f"the {o['shape']}"
+    if sum((p["shape"], p["color"]) == (o["shape"], o["color"]) for p in objects) == 1:
+        return f"the {o['color']} {o['shape']}"
+    return None
+
+
+def _rel_phrase(rel: str) -> str:
+    return {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
+
+
+def _count_phrase(shape: str, k: int) -> str:
+    return f"{article(shape)} {shape}" if k == 1 else f"{NUMBERS[k]} {PLURALS[shape]}"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def caption(cfg: ShapesConfig, objects: list[dict]) -> str:
+    """Complete description: object count, per-class counts, every object's colour/shape/location.
+
+    Two-object scenes add their robust GenEval relation ("The red circle is left of the square.").
+    """
+    order = sorted(range(len(objects)), key=lambda i: (objects[i]["center"][1] // (cfg.image_size / 3),
+                                                         objects[i]["center"][0]))
+    items = [f"{article(objects[i]['color'])} {objects[i]['color']} {objects[i]['shape']} "
+             f"{location(objects[i], cfg.image_size)}" for i in order]
+    n = len(objects)
+    if n == 1:
+        return f"One object: {items[0]}."
+    counts = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
+    summary = _join([_count_phrase(s, k) for s, k in counts.items() if k])
+    text = f"{_cap(NUMBERS[n])} objects: {summary}. {_cap(_join(items))}."
+    d0, d1 = (describe(objects, 0), describe(objects, 1)) if n == 2 else (None, None)
+    if d0 and d1:
+        rels = robust_relations(objects[0]["bbox"], objects[1]["bbox"], cfg.position_margin)
+        if rels:
+            text += f" {_cap(d0)} is {' and '.join(sorted(rels))} {d1}."
+    return text
+
+
+def _pair(yes: str, no: str) -> list[dict]:
+    return [{"question": yes + MME_SUFFIX, "answer": "Yes"}, {"question": no + MME_SUFFIX, "answer": "No"}]
+
+
+def mme_pairs(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) -> dict[str, list[dict]]:
+    """MME-style yes/no pairs per subtask (existence, count, position, color); a subtask is left out
+    when no unambiguous pair exists (colour needs a uniquely named object, position a robust relation)."""
+    out: dict[str, list[dict]] = {}
+    present = {(o["color"], o["shape"]) for o in objects}
+    # existence: a present (colour, shape) vs an absent one, preferring near misses
+    absent = [(c, s) for c in cfg.colors for s in cfg.shapes if (c, s) not in present]
+    near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+    if absent:
+        yc, ys = sorted(present)[rng.integers(len(present))]
+        pool = near or absent
+        nc, ns = pool[rng.integers(len(pool))]
+        out["existence"] = _pair(f"Is there {article(yc)} {yc} {ys} in the image?",
+                                 f"Is there {article(nc)} {nc} {ns} in the image?")
+    # count: the true count of a present class vs one off
+    shapes = sorted({o["shape"] for o in objects})
+    s = shapes[rng.integers(len(shapes))]
+    k = sum(o["shape"] == s for o in objects)
+    wrong = k + 1 if k == 1 or rng.random() < 0.5 else k - 1
+
+    def count_q(j: int) -> str:
+        return f"Is there exactly one {s} in the image?" if j == 1 else \
+            f"Are there exactly {NUMBERS[j]} {PLURALS[s]} in the image?"
+
+    out["count"] = _pair(count_q(k), count_q(wrong))
+    # position: an ordered pair of uniquely named objects with a robust relation, vs its opposite
+    cands = [(i, j, sorted(robust_relations(objects[i]["bbox"], objects[j]["bbox"], cfg.position_margin)))
+             for i in range(len(objects)) for j in range(len(objects))
+             if i != j and describe(objects, i) and describe(objects, j)]
+    cands = [c for c in cands if c[2]]
+    if cands:
+        i, j, rels = cands[rng.integers(len(cands))]
+        rel = rels[rng.integers(len(rels))]
+        di, dj = describe(objects, i), describe(objects, j)
+        out["position"] = _pair(f"Is {di} {_rel_phrase(rel)} {dj}?", f"Is {di} {_rel_phrase(OPPOSITE[rel])} {dj}?")
+    # color: an object whose shape is unique in the image, its colour vs another (preferably present) one
+    unique = [i for i in range(len(objects)) if sum(o["shape"] == objects[i]["shape"] for o in objects) == 1]
+    if unique and len(cfg.colors) > 1:
+        o = objects[unique[rng.integers(len(unique))]]
+        others = [c for c in cfg.colors if c != o["color"]]
+        hard = [c for c in others if any(p["color"] == c for p in objects)]
+        pool = hard if hard and rng.random() < 0.5 else others
+        out["color"] = _pair(f"Is the {o['shape']} {o['color']}?", f"Is the {o['shape']} {pool[rng.integers(len(pool))]}?")
+    return out
+
+
+def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, rng: np.random.Generator) -> list[dict]:
+    """LLaVA turns: describe (answered by the caption), then ``qa_turns`` questions from a pool of
+    open count/colour questions and the record's MME yes/no questions."""
+    pool = []
+    for s in sorted({o["shape"] for o in objects}):
+        k = sum(o["shape"] == s for o in objects)
+        pool.append((f"How many {PLURALS[s]} are there?", f"{NUMBERS[k].capitalize()}."))
+    for i, o in enumerate(objects):
+        if describe(objects, i) == f"the {o['shape']}":
+            pool.append((f"What color is the {o['shape']}?", f"{o['color'].capitalize()}."))
+    pool += [(q["question"], q["answer"]) for pairs in mme.values() for q in pairs]
+    turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": text}]
+    for j in rng.permutation(len(pool))[: cfg.qa_turns]:
+        turns += [{"from": "human", "value": pool[j][0]}, {"from": "gpt", "value": pool[j][1]}]
+    return turns
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def _separated(box, others, gap: float) -> bool:
+    for o in others:
+        if not (box[0] >= o[2] + gap or o[0] >= box[2] + gap or box[1] >= o[3] + gap or o[1] >= box[3] + gap):
+            return False
+    return True
+
+
+def place_objects(cfg: ShapesConfig, rng: np.random.Generator, n: int, relation: str | None = None) -> list[list[float]]:
+    """``n`` non-overlapping boxes (pixels); with ``relation``, box 1 is robustly ``relation`` of box 0.
+
+    Rejection sampling; after repeated failures the sampled sizes shrink towards the minimum size.
+    """
+    side = float(cfg.image_size)
+    lo, hi = cfg.object_size
+    margin, gap = cfg.margin * side, cfg.min_gap * side
+    for attempt in range(40):
+        shrink = 0.9**attempt
+        sizes = [max(lo, lo + (hi - lo) * rng.random() * shrink) * side for _ in range(n)]
+        boxes: list[list[float]] = []
+        for s in sizes:
+            for _ in range(100):
+                x0 = margin + rng.random() * (side - 2 * margin - s)
+                y0 = margin + rng.random() * (side - 2 * margin - s)
+                box = [x0, y0, x0 + s, y0 + s]
+                if not _separated(box, boxes, gap):
+                    continue
+                if relation and len(boxes) == 1 and relation not in robust_relations(box, boxes[0], cfg.position_margin):
+                    continue
+                boxes.append(box)
+                break
+            else:
+                break
+        if len(boxes) == n:
+            return boxes
+    raise RuntimeError(f"could not place {n} objects; lower object_size / min_gap / max_objects")
+
+
+def render_background(cfg: ShapesConfig, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) float32 background: flat colour + per-image jitter (+ smooth texture and grain)."""
+    n = cfg.image_size
+    bg = np.array(cfg.background_color, np.float32)
+    if cfg.background_jitter:
+        bg = bg + rng.integers(-cfg.background_jitter, cfg.background_jitter + 1)
+    out = np.broadcast_to(bg, (n, n, 3)).astype(np.float32)
+    if cfg.background == "textured" and cfg.texture_amplitude > 0:
+        coarse = rng.normal(0, 1, (6, 6)).astype(np.float32)  # low-frequency luminance field
+        smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((n, n), Image.BICUBIC))
+        grain = rng.normal(0, 0.35, (n, n)).astype(np.float32)
+        out = out + (cfg.texture_amplitude * (smooth + grain))[..., None]
+    return out
+
+
+def render_image(cfg: ShapesConfig, objects: list[dict], background: np.ndarray) -> np.ndarray:
+    """Composite anti-aliased flat-colour objects over ``background``; returns uint8 (H, W, 3)."""
+    img = background.copy()
+    n = cfg.image_size
+    for obj in objects:
+        (rows, cols), alpha = coverage(obj["shape"], obj["bbox"], n, n, cfg.supersample)
+        color = np.array(PALETTE[obj["color"]], np.float32)
+        a = alpha[..., None]
+        img[rows, cols] = img[rows, cols] * (1 - a) + color * a
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Scene:
+    """One rendered sample: ``image`` uint8 (H, W, 3) and its ``record`` (the sample json)."""
+
+    key: str
+    image: np.ndarray
+    record: dict
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The RNG of sample ``index`` of ``split``: a function of (seed, split, index) only."""
+    return np.random.default_rng([int(seed), SPLITS[split], int(index)])
+
+
+def render_scene(cfg: ShapesConfig, split: str, index: int, seed: int = 0) -> Scene:
+    """Sample a GenEval spec, place and render its objects, and write the full record."""
+    # independent child streams, so e.g. the texture's draws (which depend on the image size) do
+    # not shift the questions
+    layout_rng, paint_rng, text_rng = scene_rng(seed, split, index).spawn(3)
+    meta, specs = sample_geneval_spec(cfg, layout_rng)
+    relation = meta["include"][1]["position"][0] if meta["tag"] == "position" else None
+    boxes = place_objects(cfg, layout_rng, len(specs), relation)
+    objects = []
+    for (shape, color), box in zip(specs, boxes):
+        box = [round(v, 2) for v in box]
+        center = [round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)]
+        objects.append({"shape": shape, "color": color, "bbox": box, "center": center})
+    image = render_image(cfg, objects, render_background(cfg, paint_rng))
+    record = {
+        "caption": caption(cfg, objects),
+        "prompt": meta["prompt"],
+        "geneval": meta,
+        "objects": objects,
+        "mme": mme_pairs(cfg, objects, text_rng),
+        "split": split,
+        "index": index,
+    }
+    record["conversations"] = conversations(cfg, objects, record["caption"], record["mme"], text_rng)
+    return Scene(f"shapes-{split}-{index:08d}", image, record)
+
+
+def render_sample(cfg: ShapesConfig, split: str, index: int, seed: int = 0) -> dict[str, Any]:
+    """:func:`render_scene` as a raw ``data.schema`` sample (``__key__``, ``png``, ``json``)."""
+    scene = render_scene(cfg, split, index, seed)
+    return make_sample(scene.key, Image.fromarray(scene.image), scene.record, ext="png")
+
+
+if __name__ == "__main__":
+    from data.shapes_cli import main
+
+    main()
