@@ -63,6 +63,9 @@ class DataConfig:
     """Base seed; shard order uses (seed, epoch), the buffer (seed, epoch, rank, worker)."""
     drop_last: bool = False
     """Drop each worker's last partial batch of an epoch."""
+    read_json: bool = True
+    """Parse and schema-check each sample's json and return it as batch['json']. False: images (and
+    codes) only, e.g. for tokenizer training; then json problems are not checked or counted."""
     image: ImageConfig = field(default_factory=ImageConfig)
     """Image decoding/augmentation."""
 

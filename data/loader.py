@@ -69,19 +69,22 @@ CollateFn = Callable[[list], Any]
 
 
 class ImageTextDecoder:
-    """Default map function: raw sample -> ``{"__key__", "image" uint8 (R, R, 3), "json", "codes"?}``.
+    """Default map function: raw sample -> ``{"__key__", "image" uint8 (R, R, 3), "json"?, "codes"?}``.
 
-    Images stay uint8 until :func:`data.transforms.normalize` runs on the training device.
+    Images stay uint8 until :func:`data.transforms.normalize` runs on the training device; ``json`` is
+    parsed and checked only when ``cfg.read_json`` (image-only stages skip that cost).
     """
 
     def __init__(self, cfg: DataConfig):
         self.transform = ImageTransform(cfg.image)
+        self.read_json = cfg.read_json
 
     def __call__(self, raw: RawSample, ctx: SampleContext) -> dict:
-        meta = sample_meta(raw)
+        out: dict[str, Any] = {"__key__": raw["__key__"]}
+        if self.read_json:
+            out["json"] = sample_meta(raw)
         img = sample_pixels(raw, self.transform.decode_min_side)
-        image = self.transform(img, ctx.rng if self.transform.needs_rng else None)
-        out = {"__key__": raw["__key__"], "image": image, "json": meta}
+        out["image"] = self.transform(img, ctx.rng if self.transform.needs_rng else None)
         codes = sample_codes(raw)
         if codes is not None:
             out["codes"] = codes.astype(np.int64)  # (H, W, L)
@@ -90,17 +93,19 @@ class ImageTextDecoder:
 
 def collate(samples: list[dict]) -> dict:
     """Stack same-shape tensors/arrays into tensors; keep the rest as lists (missing key -> None)."""
-    keys = list(dict.fromkeys(k for s in samples for k in s))
+    keys = list(samples[0]) if all(len(s) == len(samples[0]) for s in samples) else []
+    if not keys or any(k not in s for s in samples for k in keys):
+        keys = list(dict.fromkeys(k for s in samples for k in s))
     out: dict[str, Any] = {}
     for k in keys:
         vals = [s.get(k) for s in samples]
-        same_shape = len({getattr(v, "shape", None) for v in vals}) == 1
-        if same_shape and all(isinstance(v, np.ndarray) for v in vals):
-            out[k] = torch.from_numpy(np.stack(vals))  # one copy, into the batch
-        elif same_shape and all(torch.is_tensor(v) for v in vals):
-            out[k] = torch.stack(vals)
-        else:
-            out[k] = vals
+        kind = type(vals[0])
+        if kind is np.ndarray or kind is torch.Tensor:
+            shape = vals[0].shape
+            if all(type(v) is kind and v.shape == shape for v in vals):
+                out[k] = torch.from_numpy(np.stack(vals)) if kind is np.ndarray else torch.stack(vals)
+                continue
+        out[k] = vals
     return out
 
 
@@ -110,11 +115,14 @@ def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iter
         yield from items
         return
     buf: list = []
+    draws: list[int] = []  # buffer slots drawn 1024 at a time (one numpy call, not one per item)
     for item in items:
         if len(buf) < size:
             buf.append(item)
             continue
-        j = int(rng.integers(size))
+        if not draws:
+            draws = rng.integers(size, size=1024).tolist()[::-1]
+        j = draws.pop()
         yield buf[j]
         buf[j] = item
     for j in rng.permutation(len(buf)):
@@ -250,6 +258,11 @@ class _WorkerStream(IterableDataset):
         }
 
 
+def _as_is(payload: dict) -> dict:
+    """The DataLoader's collate: workers already collated (its default would walk every json element)."""
+    return payload
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # never oversubscribe cores: decode is per-worker single-threaded work
 
@@ -291,7 +304,7 @@ class StreamingLoader:
             payloads: Any = iter(stream)
         else:
             payloads = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                  prefetch_factor=cfg.prefetch_factor, worker_init_fn=_worker_init,
+                                  prefetch_factor=cfg.prefetch_factor, worker_init_fn=_worker_init, collate_fn=_as_is,
                                   persistent_workers=False, in_order=True)
         for p in payloads:
             self.consumed[p["worker"]] = p["end"]

@@ -49,7 +49,10 @@ def random_crop(
 
 def to_array(img: Image.Image) -> np.ndarray:
     """RGB PIL image -> uint8 array (H, W, 3), read-only view of one copy of the pixels."""
-    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(h, w, 3)
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
