@@ -45,11 +45,14 @@ def test_shadowing_is_detected(tmp_path):
     assert set(outside_checkout(files)) == {"llm", "tokenizer"}
 
 
-def test_launch_and_tests_are_not_installed():
-    dist = subprocess.run([sys.executable, "-c",
-                           "import importlib.metadata as m; print('\\n'.join(str(f) for f in m.files('unimllm') or []))"],
-                          capture_output=True, text=True, check=True).stdout
-    assert "launch/" not in dist and "tests/" not in dist
+def test_launch_and_tests_are_not_installed(tmp_path):
+    """Outside the checkout, `launch` and `tests` are not importable from our installation."""
+    probe = ("import importlib.util, json; "
+             "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) for n in ('launch', 'tests')}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    found = {n: o for n, o in json.loads(out.stdout).items() if o and ROOT in Path(o).resolve().parents}
+    assert not found, f"installed from the checkout: {found}"
 
 
 def test_no_torchvision_installed():
