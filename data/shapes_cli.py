@@ -36,11 +36,12 @@ from data.shard_writer import ShardWriter
 from unimllm.config import (
     CLI_SOURCE,
     ConfigError,
-    from_dict,
+    exit_with,
     help_text,
+    load_config,
     parse_overrides,
     read_yaml,
-    set_dotted,
+    split_config_arg,
     to_dict,
     validate,
 )
@@ -78,6 +79,8 @@ class DatasetConfig:
                 raise ConfigError(key, "must be >= 0")
         if self.shard_size <= 0:
             raise ConfigError("shard_size", "must be > 0")
+        if not self.out:
+            raise ConfigError("out", "an output directory is required (--out DIR)")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -137,9 +140,7 @@ def _write_split(cfg: DatasetConfig, split: str, n: int, pool, on_sample: Callab
 
 def write_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> dict:
     """Write everything listed in the module docstring; returns the manifest (also in manifest.json)."""
-    validate(cfg)
-    if not cfg.out:
-        raise ConfigError("out", "an output directory is required")
+    validate(cfg)  # callers may build DatasetConfig in code
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
@@ -218,35 +219,13 @@ def _normalize(argv: Sequence[str]) -> list[str]:
 
 
 def load(argv: Sequence[str]) -> DatasetConfig:
-    """Preset of ``level`` <- YAML ``--config`` <- dotted CLI overrides, validated once more at the end."""
-    argv, path, rest, i = _normalize(argv), None, [], 0
-    while i < len(argv):
-        if argv[i] in ("--config", "-c") and i + 1 < len(argv):
-            path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    pairs = parse_overrides(rest)
+    """Preset of ``level`` <- YAML ``--config`` <- dotted CLI overrides, validated once."""
+    path, rest = split_config_arg(_normalize(argv))
     data = read_yaml(path) if path else {}
-    level = next((v for k, v in reversed(pairs) if k == "level"), data.get("level", "demo"))
+    level = next((v for k, v in reversed(parse_overrides(rest)) if k == "level"), data.get("level", "demo"))
     if level not in ("demo", "full"):
         raise ConfigError("level", f"expected one of 'demo', 'full', got {level!r}", CLI_SOURCE)
-    data = {**data, "level": level, "world": {**to_dict(preset(level)), **(data.get("world") or {})}}
-    cfg = from_dict(DatasetConfig, data, str(path) if path else "defaults")
-    for key, raw in pairs:
-        try:
-            set_dotted(cfg, key, raw)
-        except ConfigError as e:
-            raise ConfigError(e.key, e.message, CLI_SOURCE) from None
-    try:
-        validate(cfg)
-        if not cfg.out:
-            raise ConfigError("out", "an output directory is required (--out DIR)")
-    except ConfigError as e:
-        raise e.with_source(CLI_SOURCE) from None
-    return cfg
+    return load_config(DatasetConfig, path, rest, defaults={"level": level, "world": to_dict(preset(level))})
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -258,8 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         cfg = load(argv)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(e)
     return write_dataset(cfg)
 
 

@@ -273,10 +273,20 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file (optional) <- dotted CLI overrides; then validate once."""
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge plain dicts: ``over`` wins; nested mappings merge, everything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *, defaults: dict | None = None
+) -> T:
+    """Dataclass defaults <- ``defaults`` (e.g. a preset) <- YAML file <- dotted CLI overrides; validate once."""
     source = str(path) if path is not None else "defaults"
-    data = read_yaml(path) if path is not None else {}
+    data = _merge(defaults or {}, read_yaml(path) if path is not None else {})
     try:
         cfg = _build(cls, data)
     except ConfigError as e:
@@ -390,6 +400,23 @@ def help_text(cls: type) -> str:
     return "\n".join(lines)
 
 
+def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[--config FILE | -c FILE | --config=FILE] rest...`` -> (FILE or None, rest)."""
+    path, rest, i = None, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        if argv[i] in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config", "needs a file path", CLI_SOURCE)
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest
+
+
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config: str | Path | None = None) -> T:
     """Entry-point helper: ``[--config FILE] [--dotted.key VALUE ...] [--help]`` -> validated config.
 
@@ -399,26 +426,15 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config
     if "-h" in argv or "--help" in argv:
         print(help_text(cls))
         raise SystemExit(0)
-    path: str | Path | None = default_config
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                _exit(ConfigError("--config", "needs a file path", CLI_SOURCE))
-            path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
     try:
-        return load_config(cls, path, rest)
+        path, rest = split_config_arg(argv)
+        return load_config(cls, path or default_config, rest)
     except ConfigError as e:
-        _exit(e)
+        exit_with(e)
     raise AssertionError("unreachable")
 
 
-def _exit(e: ConfigError) -> None:
+def exit_with(e: ConfigError) -> None:
+    """Print a config error for a command-line user (no traceback) and exit with status 2."""
     print(f"config error: {e}", file=sys.stderr)
     raise SystemExit(2)
