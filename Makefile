@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	@if [ "$(HAS_GPU)" = 0 ]; then $(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v == '2.13.0+cpu' else 'expected torch 2.13.0+cpu on a CPU machine, got ' + v)"; fi
 	@touch $(STAMP)
 
+# pytest exits 5 when it collects no test: that is a failure too, and said so.
 test: install
-	$(PY) -m pytest
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected -- failing" >&2; fi; exit $$rc
 
 lint: install
 	$(BIN)/ruff check .
