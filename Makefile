@@ -37,6 +37,7 @@ lint: install
 # The main job on the built-in default. Stages 1-3 and eval join this chain as they land.
 demo: install shapes
 	$(PY) -m data.validate $(RUNS)/shapes/demo/train/*.tar $(RUNS)/shapes/demo/val/*.tar
+	$(PY) -m data.loader --config launch/configs/data/shapes-demo.yaml
 	$(PY) benchmarks/loader.py --shards "$(RUNS)/shapes/demo/train/*.tar" --out $(RUNS)/bench/loader.json
 
 shapes: install

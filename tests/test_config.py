@@ -152,6 +152,7 @@ def test_field_docs_and_help():
     assert field_docs(TrainConfig)["batch_size"] == "Micro batch."
     text = help_text(RootConfig)
     assert "--train.optim.lr  (float; default 0.0001)" in text and "Learning rate." in text
+    assert "--parts.N.weight  (float; default 1.0)" in text  # fields inside list items are documented
 
 
 def test_parse_cli_exits_cleanly(tmp_path, capsys):

@@ -381,6 +381,11 @@ def iter_fields(cls: type, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, key)
             continue
+        item = (typing.get_args(tp) or (None,))[0]
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(item):
+            yield key, tp, to_dict(f.default_factory()), docs.get(f.name, "")  # type: ignore[misc]
+            yield from iter_fields(item, f"{key}.N")
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
