@@ -303,7 +303,10 @@ class StreamingLoader:
         if cfg.num_workers == 0:
             payloads: Any = iter(stream)
         else:
-            payloads = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+            # Its own generator: creating the iterator must not draw from the global torch RNG (a
+            # resumed run creates one mid-epoch; that draw would shift the model's dropout masks).
+            gen = torch.Generator().manual_seed(hash((cfg.seed, self.epoch, self.rank)) % 2**63)
+            payloads = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=gen,
                                   prefetch_factor=cfg.prefetch_factor, worker_init_fn=_worker_init, collate_fn=_as_is,
                                   persistent_workers=False, in_order=True)
         for p in payloads:

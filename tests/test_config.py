@@ -164,6 +164,8 @@ def test_parse_cli_exits_cleanly(tmp_path, capsys):
     assert e.value.code == 2 and "train.steps: expected int, got 'x'" in capsys.readouterr().err
     cfg = parse_cli(RootConfig, ["-c", str(write(tmp_path, {"train": {"steps": 3}})), "--train.batch_size", "2"])
     assert (cfg.train.steps, cfg.train.batch_size) == (3, 2)
+    cfg = parse_cli(RootConfig, ["--train.steps", "4", "--local_rank=1"])  # what the deepspeed launcher appends
+    assert cfg.train.steps == 4
 
 
 def test_from_dict_names_source():

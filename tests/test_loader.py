@@ -223,3 +223,13 @@ def test_loader_reads_png_bytes_as_written(tmp_path):
     cfg = cfg_for(pattern, num_workers=0, shuffle_buffer=0, image=ImageConfig(resolution=24))
     batch = next(iter(StreamingLoader(cfg, map_fn=lambda raw, ctx: raw, collate_fn=lambda xs: xs)))
     assert Image.open(io.BytesIO(batch[0]["png"])).size == (32, 24)
+
+
+def test_iterating_does_not_consume_the_global_torch_rng(three_shards):
+    """A resumed run creates a DataLoader iterator mid-epoch; that must not shift model RNG streams."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for workers in (0, 2):
+        next(iter(StreamingLoader(cfg_for(three_shards, num_workers=workers))))
+    assert torch.equal(torch.rand(3), expected)

@@ -406,11 +406,18 @@ def help_text(cls: type) -> str:
 
 
 def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[--config FILE | -c FILE | --config=FILE] rest...`` -> (FILE or None, rest)."""
+    """``[--config FILE | -c FILE | --config=FILE] rest...`` -> (FILE or None, rest).
+
+    Drops the ``--local_rank=N`` that the ``deepspeed`` launcher appends (LOCAL_RANK is in the environment).
+    """
     path, rest, i = None, [], 0
     argv = list(argv)
     while i < len(argv):
-        if argv[i] in ("--config", "-c"):
+        if argv[i].startswith("--local_rank="):
+            i += 1
+        elif argv[i] == "--local_rank":
+            i += 2
+        elif argv[i] in ("--config", "-c"):
             if i + 1 >= len(argv):
                 raise ConfigError("--config", "needs a file path", CLI_SOURCE)
             path, i = argv[i + 1], i + 2

@@ -1,0 +1,124 @@
+"""Process-group set-up and the one place where DeepSpeed engines are built.
+
+Works the same under the ``deepspeed`` launcher (one node or a hostfile), ``torchrun`` and a plain
+``python`` process (a world of one): the rank/world come from the environment those launchers set,
+and missing variables default to a single local process. CPU uses gloo, CUDA uses nccl.
+
+Models never import this module (house style: parallelism is applied in one place).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits. ``device`` is the torch device to put models and batches on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Initialise torch.distributed once (gloo on CPU, nccl on CUDA) and return this process's place."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # a world of one: any free port
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sum scalar metrics over ranks (no-op for a world of one)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a list of one for a world of one)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, precision: str,
+                     grad_clip: float) -> dict:
+    """The DeepSpeed config dict, generated from our dataclass values (never a hand-kept JSON)."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip > 0:
+        cfg["gradient_clipping"] = grad_clip
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> Any:
+    """Wrap ``model`` + a client torch optimizer in a DeepSpeed engine (ZeRO 0-3 per ``ds_config``)."""
+    import deepspeed  # imported here: `tokenizer/` and `llm/` never need it
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine
