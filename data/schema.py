@@ -174,8 +174,8 @@ def sample_meta(sample: dict[str, Any]) -> dict:
         raise SampleError(MISSING_JSON, "no json member")
     try:
         meta = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SampleError(BAD_JSON, f"json: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested json
+        raise SampleError(BAD_JSON, f"json: {type(e).__name__}: {str(e)[:200]}") from None
     problems = check_meta(meta)
     if problems:
         raise SampleError(BAD_SCHEMA, "; ".join(problems))

@@ -85,8 +85,9 @@ class ShardWriter:
         self.index += 1
 
     def write(self, sample: dict[str, Any]) -> None:
-        members = sample_members(sample)
-        size = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members)
+        members = [_member_bytes(name, data) for name, data in sample_members(sample)]
+        # Bytes this sample adds to the tar: header blocks (GNU long-name blocks included) + padded data.
+        size = sum(len(info.tobuf(tarfile.GNU_FORMAT)) + (info.size + 511) // 512 * 512 for info, _ in members)
         if self._tar is not None and (
             (self.max_samples > 0 and self._count >= self.max_samples)
             or (self.max_bytes > 0 and self._count > 0 and self._bytes + size > self.max_bytes)
@@ -95,8 +96,8 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        for name, data in members:
-            self._tar.addfile(*_member_bytes(name, data))
+        for info, data in members:
+            self._tar.addfile(info, data)
         self._count += 1
         self._bytes += size
         self.total_samples += 1

@@ -58,6 +58,8 @@ class RootConfig:
     "Parts."
     tags: list[str] = field(default_factory=list)
     "Tags."
+    weights: dict[str, float] = field(default_factory=dict)
+    "Named weights."
 
 
 def write(tmp_path: Path, data: dict, name: str = "tiny.yaml") -> Path:
@@ -171,3 +173,13 @@ def test_parse_cli_exits_cleanly(tmp_path, capsys):
 def test_from_dict_names_source():
     with pytest.raises(ConfigError, match=r"^ckpt/meta.json: train.steps: expected int"):
         from_dict(RootConfig, {"train": {"steps": "many"}}, "ckpt/meta.json")
+
+
+def test_defaults_layer_merges_sections_but_replaces_dict_values(tmp_path):
+    """A preset under the YAML: sections merge key by key; a dict-typed field is replaced whole."""
+    preset = {"train": {"steps": 50, "batch_size": 2}, "weights": {"a": 1.0, "b": 1.0}}
+    path = write(tmp_path, {"train": {"steps": 7}, "weights": {"b": 3.0}})
+    cfg = load_config(RootConfig, path, [], defaults=preset)
+    assert (cfg.train.steps, cfg.train.batch_size) == (7, 2)  # YAML over preset, preset over defaults
+    assert cfg.weights == {"b": 3.0}  # same as `--weights "{b: 3}"` would give
+    assert load_config(RootConfig, None, ["--weights", "{b: 3}"], defaults=preset).weights == {"b": 3.0}

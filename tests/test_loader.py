@@ -233,3 +233,4 @@ def test_iterating_does_not_consume_the_global_torch_rng(three_shards):
     for workers in (0, 2):
         next(iter(StreamingLoader(cfg_for(three_shards, num_workers=workers))))
     assert torch.equal(torch.rand(3), expected)
+

@@ -273,11 +273,15 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """Deep-merge plain dicts: ``over`` wins; nested mappings merge, everything else is replaced."""
+def _merge(cls: Any, base: dict, over: dict) -> dict:
+    """Layer ``over`` on ``base`` following the schema: config sections merge key by key, every other
+    value (including ``dict[...]`` fields such as weights) is replaced whole, as a CLI override does."""
+    hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = _is_optional(hints.get(k))[1]
+        section = dataclasses.is_dataclass(tp)
+        out[k] = _merge(tp, out[k], v) if section and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -286,7 +290,7 @@ def load_config(
 ) -> T:
     """Dataclass defaults <- ``defaults`` (e.g. a preset) <- YAML file <- dotted CLI overrides; validate once."""
     source = str(path) if path is not None else "defaults"
-    data = _merge(defaults or {}, read_yaml(path) if path is not None else {})
+    data = _merge(cls, defaults or {}, read_yaml(path) if path is not None else {})
     try:
         cfg = _build(cls, data)
     except ConfigError as e:
