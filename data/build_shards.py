@@ -2,14 +2,18 @@
 
 Input kinds (detected from the path, or ``--kind``):
 
-- ``folder``: a tree of jpg/jpeg/png/webp images; a UTF-8 sidecar ``<stem>.txt`` becomes ``caption``,
-  an image without one gets ``{"task": "reconstruct"}``.
+- ``folder``: a tree of jpg/jpeg/png/webp images (symlinked folders followed, each real folder read
+  once); a UTF-8 sidecar ``<stem>.txt`` (any case of ``.txt``) becomes ``caption``, an image without
+  one gets ``{"task": "reconstruct"}``.
 - ``jsonl``: one ``{"image": path, "caption": str, ...}`` per line (other fields are kept in ``json``).
 - ``llava``: a JSON list of ``{"id", "image", "conversations"}`` with ``<image>`` exactly once.
 
 Bad input is skipped and reported per reason with its identity; every written sample has passed
 :func:`data.schema.check_sample`. Workers read/decode/resize/encode, the main process writes in input
-order, so the shards are byte-identical for any ``--workers``. Example::
+order, so the shards are byte-identical for any ``--workers``. A worker process that dies (killed,
+out of memory, a crash in a decoder) never hangs the build: the items it may have held are retried
+one at a time, and an item that kills a worker on its own is skipped as ``worker_crashed``. A build
+that writes no sample at all fails (exit 1) and leaves an earlier build's shards alone. Example::
 
     python -m data.build_shards images/ --out out/train-%06d.tar --shard-samples 1000 --max-side 512
 """
@@ -27,6 +31,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from tqdm import tqdm
 from data.schema import (
     BAD_IMAGE,
     BAD_SCHEMA,
+    EXT_ALIASES,
     IMAGE_EXTS,
     PIL_FORMATS,
     check_meta,
@@ -50,23 +57,38 @@ from data.shard_writer import ShardWriter
 FOLDER, JSONL, LLAVA = "folder", "jsonl", "llava"
 KINDS = (FOLDER, JSONL, LLAVA)
 FORMATS = ("keep", *IMAGE_EXTS)
-FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+FOLDER_SUFFIXES = tuple(f".{ext}" for ext in (*IMAGE_EXTS, *EXT_ALIASES))  # matched case-insensitively
+CAPTION_SUFFIX = ".txt"  # matched case-insensitively too
 # Skip reasons of the builder (besides the schema kinds BAD_IMAGE / BAD_SCHEMA / ... of check_sample).
 MISSING_FILE = "missing_file"
 UNREADABLE_FILE = "unreadable_file"
 BAD_CAPTION = "bad_caption"
 BAD_RECORD = "bad_record"
 UNEXPECTED = "unexpected_error"
+WORKER_CRASHED = "worker_crashed"
 IN_FLIGHT_PER_WORKER = 16  # items submitted ahead of the writer, per worker (bounds memory)
 
-_PIL_TO_EXT = {fmt: ext for ext, fmt in PIL_FORMATS.items()}
+# MPO: the multi-picture JPEG of many cameras; its bytes start with a plain JPEG that every decoder reads.
+_PIL_TO_EXT = {**{fmt: ext for ext, fmt in PIL_FORMATS.items()}, "MPO": "jpg"}
+_ORIENTATION = 0x0112  # EXIF tag; value -> the transpose that makes the pixels upright
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 _NON_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
-_PATTERN_NAME = re.compile(r"([^%]*)%(0?\d*)d([^%]*)")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", re.IGNORECASE)
+_PATTERN_NAME = re.compile(r"([^%]*)%(0[1-9]\d*)?d([^%]*)")  # one %d or %0Nd in the file name
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?)?", re.IGNORECASE)
 
 
 class BuildError(ValueError):
     """Unusable arguments or input; the CLI prints the message and exits with status 2."""
+
+
+class EmptyBuildError(BuildError):
+    """The build ran but wrote no sample; ``summary`` says why. Nothing was deleted (CLI exit status 1)."""
+
+    def __init__(self, message: str, summary: BuildSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,8 @@ class BuildSummary:
     skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     """reason -> [{"item": identity, "message": why}] in input order."""
     ignored: list[str] = field(default_factory=list)
-    """Folder input: files that are neither images nor sidecar captions."""
+    """Folder input: files that are neither images nor sidecar captions, and folders reached a second
+    time through a symlink (``<path>/ (...)``; each real folder is read once)."""
     stale_removed: list[str] = field(default_factory=list)
     summary_path: str = ""
     seconds: float = 0.0
@@ -129,7 +152,7 @@ class BuildSummary:
             if len(items) > max_listed:
                 lines.append(f"    ... and {len(items) - max_listed} more (see {self.summary_path})")
         if self.ignored:
-            lines.append(f"ignored {len(self.ignored)} non-image files, e.g. {self.ignored[0]}")
+            lines.append(f"ignored {len(self.ignored)} non-image files or repeated folders, e.g. {self.ignored[0]}")
         lines += [f"removed stale: {p}" for p in self.stale_removed]
         lines.append(f"summary: {self.summary_path}")
         return "\n".join(lines)
@@ -152,6 +175,17 @@ def unique_key(base: str, used: set[str]) -> str:
         key = f"{base}_{n}"
     used.add(key)
     return key
+
+
+def check_pattern(pattern: str) -> None:
+    """Raise :class:`BuildError` unless ``pattern`` is ``folder/name%0Nd.ext`` (or ``%d``) with no other ``%``."""
+    parent, name = os.path.split(pattern)
+    if "%" in parent:
+        raise BuildError(f"--out {pattern!r}: the folder part must not contain '%' (only the file name "
+                         "holds the shard index, e.g. out/train-%06d.tar)")
+    if _PATTERN_NAME.fullmatch(name) is None:
+        raise BuildError(f"--out {pattern!r} needs exactly one printf index %d or %0Nd (e.g. %06d) in the file "
+                         "name and no other '%', e.g. out/train-%06d.tar")
 
 
 def shard_files(pattern: str, suffix: str = "") -> list[Path]:
@@ -180,29 +214,58 @@ def parse_size(text: str) -> int:
 
 
 def _folder_items(root: Path) -> tuple[list[Item], list[str]]:
-    items, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        names = set(filenames)
+    """Images (with their sidecars) under ``root`` in sorted order, and the ignored paths.
+
+    Symlinked folders are followed; a real folder reached a second time (a link loop, or two links to
+    one folder) is read once and listed in ``ignored``. A folder that cannot be listed is a skipped item.
+    """
+    items: list[Item] = []
+    ignored: list[str] = []
+    seen = {os.path.realpath(root): str(root)}  # real folder -> the path it is read under
+
+    def unlistable(e: OSError) -> None:
+        where = e.filename or root
+        items.append(Item(str(where), error=(UNREADABLE_FILE, f"cannot list folder: {e.strerror or e}")))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            path, real = os.path.join(dirpath, d), os.path.realpath(os.path.join(dirpath, d))
+            if real in seen:
+                ignored.append(f"{path}{os.sep} (the folder {real}, already read as {seen[real]})")
+            else:
+                seen[real] = path
+                keep.append(d)
+        dirnames[:] = keep
         images = {n for n in filenames if Path(n).suffix.lower() in FOLDER_SUFFIXES}
+        captions: dict[str, list[str]] = {}  # stem -> sidecar names (.txt in any case)
+        for n in sorted(filenames):
+            if Path(n).suffix.lower() == CAPTION_SUFFIX:
+                captions.setdefault(Path(n).stem, []).append(n)
         stems = {Path(n).stem for n in images}
         for name in sorted(filenames):
             path = Path(dirpath, name)
             if name in images:
-                sidecar = path.with_suffix(".txt")
-                has_caption = sidecar.name in names
-                items.append(
-                    Item(
-                        str(path),
-                        key=sanitize_key(str(path.relative_to(root).with_suffix(""))),
-                        image=str(path),
-                        meta=None if has_caption else {"task": "reconstruct"},
-                        caption_file=str(sidecar) if has_caption else None,
-                    )
-                )
-            elif not (path.suffix == ".txt" and path.stem in stems):
+                ident = str(path)
+                key = sanitize_key(str(path.relative_to(root).with_suffix("")))
+                sidecars = captions.get(path.stem, [])
+                if len(sidecars) > 1:
+                    items.append(Item(ident, key=key, error=(BAD_CAPTION, f"several caption files: {sidecars}")))
+                elif sidecars:
+                    items.append(Item(ident, key=key, image=ident, caption_file=str(path.with_name(sidecars[0]))))
+                else:
+                    items.append(Item(ident, key=key, image=ident, meta={"task": "reconstruct"}))
+            elif not (path.suffix.lower() == CAPTION_SUFFIX and path.stem in stems):
                 ignored.append(str(path))
     return items, ignored
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads`` that also reads a UTF-8 BOM and turns too-deep nesting into a ValueError."""
+    try:
+        return json.loads(raw.decode("utf-8-sig") if raw.startswith(b"\xef\xbb\xbf") else raw)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
 
 
 def _jsonl_items(path: Path, image_root: Path) -> Iterator[Item]:
@@ -212,7 +275,7 @@ def _jsonl_items(path: Path, image_root: Path) -> Iterator[Item]:
             if not raw.strip():
                 continue  # blank lines are not records
             try:
-                rec = json.loads(raw)
+                rec = _loads(raw)
             except ValueError as e:
                 yield Item(ident, error=(BAD_RECORD, f"invalid JSON: {e}"))
                 continue
@@ -235,7 +298,7 @@ def _jsonl_items(path: Path, image_root: Path) -> Iterator[Item]:
 
 def _llava_items(path: Path, image_root: Path) -> Iterator[Item]:
     try:
-        records = json.loads(path.read_bytes())
+        records = _loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise BuildError(f"{path}: not a readable LLaVA JSON file: {e}") from None
     if not isinstance(records, list):
@@ -276,7 +339,7 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None,
     meta = item.meta
     if item.caption_file is not None:
         try:
-            caption = Path(item.caption_file).read_bytes().decode("utf-8").strip()
+            caption = Path(item.caption_file).read_bytes().decode("utf-8-sig").strip()
         except UnicodeDecodeError as e:
             return None, (BAD_CAPTION, f"{item.caption_file}: caption is not UTF-8 ({e})")
         except OSError as e:
@@ -294,19 +357,26 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None,
     try:
         with Image.open(io.BytesIO(data)) as probe:
             src_ext = _PIL_TO_EXT.get(probe.format or "")
+            try:
+                orientation = probe.getexif().get(_ORIENTATION, 1)
+            except Exception:  # an unreadable EXIF block: the pixels as stored
+                orientation = 1
         img = decode_image(data)
     except UnidentifiedImageError:
         return None, (BAD_IMAGE, "empty file" if not data else "not an image PIL can read")
     except Exception as e:  # PIL raises many types for corrupt data
         return None, (BAD_IMAGE, f"{type(e).__name__}: {e}")
     ext = (src_ext or "png") if opts.fmt == "keep" else opts.fmt
+    upright = _UPRIGHT.get(orientation)  # EXIF-rotated camera images are stored upright (re-encoded)
+    if upright is not None:
+        img = img.transpose(upright)
     resize = opts.max_side > 0 and max(img.size) > opts.max_side
     if resize:
         img = img.resize(_fit(img.size, opts.max_side), Image.Resampling.LANCZOS)
-    if resize or ext != src_ext:
+    if resize or upright is not None or ext != src_ext:
         data = encode_image(img, ext, opts.quality)
     sample = make_sample(item.key, data, meta, ext=ext)
-    problems = check_sample(sample)
+    problems = check_sample(sample, decode=False)  # the image was decoded above: no second decode
     if problems:
         return None, (problems[0][0], "; ".join(msg for _, msg in problems))
     return sample, None
@@ -319,20 +389,78 @@ def _work(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None, tuple
         return None, (UNEXPECTED, f"{type(e).__name__}: {e}")
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+
+
+def _crashed(job: Future) -> bool:
+    """Whether ``job`` failed because its pool broke (a worker process died); waits for it."""
+    return job.cancelled() or isinstance(job.exception(), BrokenProcessPool)
+
+
+def _submit(pool: ProcessPoolExecutor, item: Item, opts: EncodeOptions) -> Future:
+    try:
+        return pool.submit(_work, item, opts)
+    except BrokenProcessPool as e:  # a worker died since the last check: _recover re-runs this item
+        job: Future = Future()
+        job.set_exception(e)
+        return job
+
+
+def _done(result: Any) -> Future:
+    job: Future = Future()
+    job.set_result(result)
+    return job
+
+
+def _recover(pool: ProcessPoolExecutor, pending: deque, opts: EncodeOptions, workers: int) -> ProcessPoolExecutor:
+    """After a worker died, every unfinished job of the pool failed: re-run those items one at a time in
+    a fresh pool, so only an item that kills a worker on its own is blamed (``worker_crashed``)."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    pool = _pool(workers)
+    for i, (item, job) in enumerate(pending):
+        if job is None or not _crashed(job):
+            continue
+        retry = _submit(pool, item, opts)
+        if _crashed(retry):
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = _pool(workers)
+            retry = _done((None, (WORKER_CRASHED, "the worker process died on this item (killed, out of memory "
+                                                  "or a crash in a decoder); it was retried alone and died again")))
+        pending[i] = (item, retry)
+    return pool
+
+
 def _outcomes(items: Iterator[Item], opts: EncodeOptions, workers: int) -> Iterator[tuple[Item, Any, Any]]:
-    """``(item, sample, error)`` in input order, with a bounded number of items in flight."""
+    """``(item, sample, error)`` in input order, with a bounded number of items in flight.
+
+    ``workers > 1``: a ``spawn`` process pool; a dead worker is detected (never a hang), see :func:`_recover`.
+    ``workers == 1`` works in this process, so an item that kills the process ends the build.
+    """
     if workers <= 1:
         for item in items:
             yield (item, None, item.error) if item.error else (item, *_work(item, opts))
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
-        pending: deque = deque()
+    pool = _pool(workers)
+    pending: deque = deque()
+    try:
         for item in itertools.chain(items, [None]):
             if item is not None:
-                pending.append((item, None if item.error else pool.apply_async(_work, (item, opts))))
+                pending.append((item, None if item.error else _submit(pool, item, opts)))
             while pending and (item is None or len(pending) >= IN_FLIGHT_PER_WORKER * workers):
+                if pending[0][1] is not None and _crashed(pending[0][1]):
+                    pool = _recover(pool, pending, opts, workers)
                 done, job = pending.popleft()
-                yield (done, None, done.error) if job is None else (done, *job.get())
+                if job is None:
+                    yield done, None, done.error
+                    continue
+                try:
+                    result = job.result()
+                except Exception as e:  # e.g. an item that cannot be pickled to the worker
+                    result = None, (UNEXPECTED, f"{type(e).__name__}: {e}")
+                yield (done, *result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- build
@@ -388,8 +516,7 @@ def build(
     root = Path(image_root) if image_root is not None else src.parent
     if kind != FOLDER and not root.is_dir():
         raise BuildError(f"image root {root} is not a folder")
-    if _PATTERN_NAME.fullmatch(os.path.basename(pattern)) is None:
-        raise BuildError(f"--out {pattern!r} needs one printf index in the file name, e.g. out/train-%06d.tar")
+    check_pattern(pattern)
     if shard_samples < 0 or shard_bytes < 0 or (shard_samples == 0 and shard_bytes == 0):
         raise BuildError("set --shard-samples and/or --shard-bytes to a positive value")
     if max_side < 0 or workers < 1 or not 1 <= quality <= 100:
@@ -400,10 +527,7 @@ def build(
 
     items, total, ignored = _read_items(src, kind, root)
     summary = BuildSummary(str(src), kind, pattern, ignored=ignored, summary_path=str(summary_file))
-    for tmp in shard_files(pattern, ".tmp"):  # left by a crashed earlier run
-        tmp.unlink()
-        summary.stale_removed.append(str(tmp))
-    summary_file.unlink(missing_ok=True)  # no summary = no finished build
+    failed_file = summary_file.with_name(summary_file.stem + ".failed" + summary_file.suffix)
 
     used: set[str] = set()
     bar = tqdm(total=total, disable=not progress, file=sys.stderr, unit="img", desc="build_shards")
@@ -419,21 +543,35 @@ def build(
                     bar.set_postfix(skipped=sum(summary.skip_counts.values()), refresh=False)
                     continue
                 key = unique_key(sample["__key__"], used)
+                if writer.total_samples == 0:  # the earlier build's shards start to change:
+                    summary_file.unlink(missing_ok=True)  # no summary = no finished build
                 writer.write({**sample, "__key__": key})
     finally:
         bar.close()
     summary.samples, summary.shards, summary.bytes = writer.total_samples, writer.written, writer.total_bytes
+    if summary.samples == 0:  # e.g. a wrong --image-root: keep whatever an earlier build wrote
+        summary.summary_path = str(failed_file)
+        summary.seconds = time.monotonic() - t0
+        _write_json(failed_file, summary.to_dict())
+        counts = ", ".join(f"{n} {reason}" for reason, n in summary.skip_counts.items()) or "the input has no items"
+        raise EmptyBuildError(f"no sample was written ({counts}); nothing was deleted, an earlier build's shards "
+                              f"and summary are untouched; skipped items are listed in {failed_file}", summary)
     written = {os.path.abspath(p) for p in writer.written}
-    for stale in shard_files(pattern):  # an earlier, larger run's tail
-        if os.path.abspath(stale) not in written:
-            stale.unlink()
-            summary.stale_removed.append(str(stale))
+    stale = [p for p in shard_files(pattern) if os.path.abspath(p) not in written]  # an earlier, larger run's tail
+    stale += shard_files(pattern, ".tmp")  # left by a crashed earlier run
+    for path in [*stale, *([failed_file] if failed_file.exists() else [])]:  # (and a failed attempt's report)
+        path.unlink()
+        summary.stale_removed.append(str(path))
     summary.seconds = time.monotonic() - t0
-    summary_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = summary_file.with_name(summary_file.name + ".tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, summary_file)
+    _write_json(summary_file, summary.to_dict())
     return summary
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             shard_bytes=args.shard_bytes, max_side=args.max_side, fmt=args.format, quality=args.quality,
             workers=args.workers, summary_path=args.summary, progress=not args.no_progress,
         )
+    except EmptyBuildError as e:
+        print(e.summary.format())
+        print(f"build_shards: error: {e}", file=sys.stderr)
+        return 1
     except BuildError as e:
         print(f"build_shards: error: {e}", file=sys.stderr)
         return 2

@@ -5,9 +5,10 @@ classes), so its record carries the prompt it satisfies, a complete caption, gro
 LLaVA-style conversations and MME-style yes/no pairs. Sample ``i`` of a split is rendered from an
 RNG seeded by ``(seed, split, i)`` alone, so output never depends on worker count or order.
 
-Pure API for other stages: :func:`render_scene` (arrays + record), :func:`render_sample` (a raw
-sample in the ``data.schema`` format), :func:`sample_geneval_spec`, :func:`preset`. Writing
-shards / prompt files / the MME layout lives in ``data.shapes_cli`` (``python -m data.shapes``).
+Pure API for other stages: :func:`render_scene` (arrays + record), :func:`scene_record` (the record
+alone), :func:`render_sample` (a raw sample in the ``data.schema`` format), :func:`sample_geneval_spec`,
+:func:`preset`. Writing shards / prompt files / the MME layout lives in ``data.shapes_cli``
+(``python -m data.shapes``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 SPLITS = {"train": 0, "val": 1, "geneval": 2}  # disjoint SeedSequence streams per split
 POSITION_THRESHOLD = 0.1  # GenEval's default position_threshold
 MIN_BG_DISTANCE = 80.0  # RGB distance every object colour keeps from the background colour
+TEXTURE_SPREAD = 2.0  # the background check allows texture offsets of +-2 texture_amplitude (2 sigma)
 MME_SUFFIX = " Please answer yes or no."
 
 
@@ -73,13 +75,13 @@ class ShapesConfig:
     object_size: tuple[float, float] = (0.25, 0.4)
     "Range of an object's bounding-box side as a fraction of the image side."
     min_gap: float = 0.06
-    "Smallest gap between two objects' bounding boxes (fraction of the side); objects never overlap."
+    "Smallest gap between two objects' bounding boxes (fraction of the side, > 0); objects never overlap."
     margin: float = 0.03
-    "Smallest distance between an object and the image border (fraction of the side)."
+    "Smallest distance between an object and the image border (fraction of the side, >= 0)."
     background: Literal["plain", "textured"] = "plain"
     "Background kind: one flat colour, or that colour with smooth low-frequency texture and grain."
     background_color: tuple[int, int, int] = (128, 128, 128)
-    "Background RGB; must stay far (MIN_BG_DISTANCE) from every object colour."
+    "Background RGB; must stay far (MIN_BG_DISTANCE) from every object colour, jitter and texture included."
     background_jitter: int = 0
     "Per-image brightness offset of the background, uniform in [-jitter, +jitter]."
     texture_amplitude: float = 0.0
@@ -87,9 +89,9 @@ class ShapesConfig:
     tag_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TAGS, 1.0))
     "Relative frequency of the six GenEval tags each image is drawn for."
     position_margin: float = 0.1
-    "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this."
+    "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this (>= 0)."
     qa_turns: int = 2
-    "Question-answer turns after the describe turn in each conversation."
+    "Question-answer turns after the describe turn in each conversation (>= 0; a scene with fewer questions asks all)."
 
     def validate(self) -> None:
         if not 16 <= self.image_size <= 1024:
@@ -105,26 +107,61 @@ class ShapesConfig:
             raise ConfigError("object_size", f"need 0.05 <= min <= max <= 0.6, got {self.object_size}")
         if not 1 <= self.max_objects <= 8:
             raise ConfigError("max_objects", "must be in [1, 8]")
+        if not self.min_gap > 0:  # touching squares would read as one rectangle: counts turn ambiguous
+            raise ConfigError("min_gap", f"must be > 0 (objects never touch), got {self.min_gap}")
+        if not 0 <= self.margin < 0.5:
+            raise ConfigError("margin", f"must be in [0, 0.5) (objects stay inside the image), got {self.margin}")
+        if self.position_margin < 0:
+            raise ConfigError("position_margin", f"must be >= 0, got {self.position_margin}")
+        if self.qa_turns < 0:
+            raise ConfigError("qa_turns", f"must be >= 0, got {self.qa_turns}")
         usable = 1.0 - 2 * self.margin
-        if math.ceil(math.sqrt(self.max_objects)) * (lo + self.min_gap) > usable or hi > usable:
-            raise ConfigError("object_size", f"{self.max_objects} objects of size {lo} do not fit with the gaps")
+        if hi > usable:
+            raise ConfigError("object_size", f"max size {hi} does not fit inside the margins (1 - 2 * margin = {usable:g})")
+        if math.ceil(math.sqrt(self.max_objects)) * (lo + self.min_gap) > usable:
+            raise ConfigError("object_size", f"max_objects={self.max_objects} objects of size {lo} do not fit with "
+                                             f"min_gap={self.min_gap} and margin={self.margin}")
         if any(not 0 <= c <= 255 for c in self.background_color):
             raise ConfigError("background_color", "channels must be in [0, 255]")
-        bg = np.array(self.background_color, float)
+        if self.background_jitter < 0:
+            raise ConfigError("background_jitter", f"must be >= 0, got {self.background_jitter}")
+        if self.texture_amplitude < 0:
+            raise ConfigError("texture_amplitude", f"must be >= 0, got {self.texture_amplitude}")
+        # jitter and texture shift the background along the grey axis (the same offset on all channels)
+        swing = self.background_jitter + (TEXTURE_SPREAD * self.texture_amplitude if self.background == "textured" else 0)
         for c in self.colors:
-            d = float(np.linalg.norm(np.array(PALETTE[c], float) - bg))
-            if d - self.background_jitter * math.sqrt(3) < MIN_BG_DISTANCE:
-                raise ConfigError("background_color", f"too close to object colour {c!r} ({d:.0f} < {MIN_BG_DISTANCE})")
-        if self.texture_amplitude < 0 or self.background_jitter < 0:
-            raise ConfigError("texture_amplitude", "texture amplitude and jitter must be >= 0")
+            d = background_distance(PALETTE[c], self.background_color, swing)
+            if d < MIN_BG_DISTANCE:
+                key = "background_color" if background_distance(PALETTE[c], self.background_color, 0) < MIN_BG_DISTANCE \
+                    else "texture_amplitude" if self.background == "textured" and self.texture_amplitude else "background_jitter"
+                raise ConfigError(key, f"the background (colour {self.background_color}, jitter {self.background_jitter}, "
+                                       f"texture {self.texture_amplitude if self.background == 'textured' else 0}) comes "
+                                       f"within {d:.0f} of object colour {c!r} (need >= {MIN_BG_DISTANCE:.0f})")
         bad_tags = [t for t in self.tag_weights if t not in TAGS]
         if bad_tags or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
             raise ConfigError("tag_weights", f"need non-negative weights over {TAGS} with a positive sum")
-        needs = {"two_object": len(self.shapes) >= 2, "position": len(self.shapes) >= 2,
-                 "color_attr": len(self.shapes) >= 2 and len(self.colors) >= 2, "counting": self.max_objects >= 2}
-        for tag, ok in needs.items():
+        two = self.max_objects >= 2
+        needs = {"two_object": (len(self.shapes) >= 2 and two, "2 shapes and max_objects >= 2"),
+                 "position": (len(self.shapes) >= 2 and two, "2 shapes and max_objects >= 2"),
+                 "color_attr": (len(self.shapes) >= 2 and len(self.colors) >= 2 and two,
+                                "2 shapes, 2 colors and max_objects >= 2"),
+                 "counting": (two, "max_objects >= 2")}
+        for tag, (ok, need) in needs.items():
             if self.tag_weights.get(tag, 0) > 0 and not ok:
-                raise ConfigError("tag_weights", f"tag {tag!r} is impossible with these shapes/colours/max_objects")
+                raise ConfigError("tag_weights", f"tag {tag!r} needs {need}; give it weight 0 or change these")
+        # every scene must be placeable: the fallback layout of place_objects always works when this does
+        rng = np.random.default_rng(0)
+        _grid_layout(self, rng, self.max_objects)
+        if self.tag_weights.get("position", 0) > 0:
+            for rel in RELATIONS:
+                _grid_layout(self, rng, 2, rel)
+
+
+def background_distance(color, background, swing: float) -> float:
+    """Smallest RGB distance between ``color`` and ``background + t * (1, 1, 1)`` for |t| <= ``swing``."""
+    v = np.asarray(color, float) - np.asarray(background, float)
+    t = float(np.clip(v.sum() / 3, -swing, swing))
+    return float(np.linalg.norm(v - t))
 
 
 def preset(level: str) -> ShapesConfig:
@@ -397,10 +434,49 @@ def _separated(box, others, gap: float) -> bool:
     return True
 
 
+def _grid_layout(cfg: ShapesConfig, rng: np.random.Generator, n: int, relation: str | None = None) -> list[list[float]]:
+    """The fallback of :func:`place_objects`: ``n`` boxes of the minimum size, one per cell of a
+    ceil(sqrt(n))-wide grid (random cells, jittered inside them); with ``relation``, the two boxes sit at
+    the two ends of the relation's axis. Raises ConfigError naming the fields when even this fails."""
+    side = float(cfg.image_size)
+    s = cfg.object_size[0] * side
+    margin, gap = cfg.margin * side, cfg.min_gap * side
+    usable = side - 2 * margin
+    if relation:
+        near, far = margin, side - margin - s  # box 1 at `near` is left of / above box 0 at `far`
+        b0, b1 = (far, near) if relation in ("left of", "above") else (near, far)
+        other = margin + rng.random() * (usable - s)
+        if relation in ("left of", "right of"):
+            boxes = [[b0, other, b0 + s, other + s], [b1, other, b1 + s, other + s]]
+        else:
+            boxes = [[other, b0, other + s, b0 + s], [other, b1, other + s, b1 + s]]
+        if relation not in robust_relations(boxes[1], boxes[0], cfg.position_margin) or not _separated(
+                boxes[1], boxes[:1], gap):
+            raise ConfigError("position_margin", f"a position scene cannot place two objects of object_size "
+                                                 f"{cfg.object_size[0]} robustly {relation!r} each other with "
+                                                 f"position_margin={cfg.position_margin}, margin={cfg.margin}, "
+                                                 f"min_gap={cfg.min_gap}")
+        return boxes
+    k = math.ceil(math.sqrt(n))
+    cell = usable / k
+    if cell - s - gap < 0:
+        raise ConfigError("object_size", f"could not place {n} objects of size {cfg.object_size[0]}; lower "
+                                         "object_size / min_gap / margin / max_objects")
+    boxes = []
+    for c in rng.permutation(k * k)[:n]:
+        row, col = divmod(int(c), k)
+        x0 = margin + col * cell + gap / 2 + rng.random() * (cell - s - gap)
+        y0 = margin + row * cell + gap / 2 + rng.random() * (cell - s - gap)
+        boxes.append([x0, y0, x0 + s, y0 + s])
+    return boxes
+
+
 def place_objects(cfg: ShapesConfig, rng: np.random.Generator, n: int, relation: str | None = None) -> list[list[float]]:
     """``n`` non-overlapping boxes (pixels); with ``relation``, box 1 is robustly ``relation`` of box 0.
 
-    Rejection sampling; after repeated failures the sampled sizes shrink towards the minimum size.
+    Rejection sampling; after repeated failures the sampled sizes shrink towards the minimum size, and
+    if that fails too (a tight config), a jittered grid of minimum-size boxes is used (:func:`_grid_layout`;
+    ``ShapesConfig.validate`` checks that it works, so a validated config always places its objects).
     """
     side = float(cfg.image_size)
     lo, hi = cfg.object_size
@@ -424,7 +500,7 @@ def place_objects(cfg: ShapesConfig, rng: np.random.Generator, n: int, relation:
                 break
         if len(boxes) == n:
             return boxes
-    raise RuntimeError(f"could not place {n} objects; lower object_size / min_gap / max_objects")
+    return _grid_layout(cfg, rng, n, relation)
 
 
 def render_background(cfg: ShapesConfig, rng: np.random.Generator) -> np.ndarray:
@@ -468,30 +544,48 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLITS[split], int(index)])
 
 
-def render_scene(cfg: ShapesConfig, split: str, index: int, seed: int = 0) -> Scene:
-    """Sample a GenEval spec, place and render its objects, and write the full record."""
+def _scene(cfg: ShapesConfig, split: str, index: int, seed: int) -> tuple[dict, np.random.Generator]:
+    """The record of a scene and the RNG its image is painted with."""
     # independent child streams, so e.g. the texture's draws (which depend on the image size) do
     # not shift the questions
     layout_rng, paint_rng, text_rng = scene_rng(seed, split, index).spawn(3)
     meta, specs = sample_geneval_spec(cfg, layout_rng)
     relation = meta["include"][1]["position"][0] if meta["tag"] == "position" else None
     boxes = place_objects(cfg, layout_rng, len(specs), relation)
-    objects = []
-    for (shape, color), box in zip(specs, boxes):
-        box = [round(v, 2) for v in box]
-        center = [round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)]
-        objects.append({"shape": shape, "color": color, "bbox": box, "center": center})
-    image = render_image(cfg, objects, render_background(cfg, paint_rng))
+    # The text is computed from the exact boxes, which scale exactly with image_size (a power-of-two
+    # size ratio is exact in floating point), so 64 px and 256 px get the same questions; the boxes are
+    # rounded (0.01 px) only for the record, and the image is drawn from the record's boxes.
+    exact = [{"shape": shape, "color": color, "bbox": box, "center": [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]}
+             for (shape, color), box in zip(specs, boxes)]
+    text = caption(cfg, exact)
+    mme = mme_pairs(cfg, exact, text_rng)
     record = {
-        "caption": caption(cfg, objects),
+        "caption": text,
         "prompt": meta["prompt"],
         "geneval": meta,
-        "objects": objects,
-        "mme": mme_pairs(cfg, objects, text_rng),
+        "objects": [_rounded(o) for o in exact],
+        "mme": mme,
         "split": split,
         "index": index,
+        "conversations": conversations(cfg, exact, text, mme, text_rng),
     }
-    record["conversations"] = conversations(cfg, objects, record["caption"], record["mme"], text_rng)
+    return record, paint_rng
+
+
+def _rounded(obj: dict) -> dict:
+    box = [round(v, 2) for v in obj["bbox"]]
+    return {**obj, "bbox": box, "center": [round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)]}
+
+
+def scene_record(cfg: ShapesConfig, split: str, index: int, seed: int = 0) -> dict:
+    """The record (sample json) of :func:`render_scene` without rendering the image."""
+    return _scene(cfg, split, index, seed)[0]
+
+
+def render_scene(cfg: ShapesConfig, split: str, index: int, seed: int = 0) -> Scene:
+    """Sample a GenEval spec, place and render its objects, and write the full record."""
+    record, paint_rng = _scene(cfg, split, index, seed)
+    image = render_image(cfg, record["objects"], render_background(cfg, paint_rng))
     return Scene(f"shapes-{split}-{index:08d}", image, record)
 
 

@@ -11,7 +11,9 @@
     DIR/manifest.json                    resolved config, counts, seeds, files
 
 Rendering runs in a process pool; samples are written in index order, so the bytes do not depend
-on the worker count. Re-running into the same DIR first removes the files this writer owns there.
+on the worker count. ``manifest.json`` is written last: it marks a complete dataset. Re-running into
+the same DIR first validates the config, then removes the files this writer owns there, the manifest
+first (so a re-run that fails midway leaves no manifest, never one that lists missing files).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class DatasetConfig:
     n_val: int = 200
     "Number of val samples (also the images of the shapes-MME set)."
     seed: int = 0
-    "Dataset seed; sample i of a split is rendered from an RNG seeded by (seed, split id, i)."
+    "Dataset seed (>= 0); sample i of a split is rendered from an RNG seeded by (seed, split id, i)."
     level: Literal["demo", "full"] = "demo"
     "Difficulty preset the world config starts from (see data.shapes.preset)."
     shard_size: int = 1000
@@ -74,7 +76,7 @@ class DatasetConfig:
     "The shapes-world difficulty (data.shapes.ShapesConfig)."
 
     def validate(self) -> None:
-        for key in ("n", "n_val", "workers", "geneval_per_tag"):
+        for key in ("n", "n_val", "seed", "workers", "geneval_per_tag"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, "must be >= 0")
         if self.shard_size <= 0:
@@ -119,7 +121,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _clean(out: Path) -> None:
-    """Remove the files a previous run of this writer left (and nothing else)."""
+    """Remove the files a previous run of this writer left (and nothing else).
+
+    ``manifest.json`` goes first: it is written last, so it marks a complete dataset; a run that fails
+    after this point leaves no manifest rather than one listing shards that no longer exist.
+    """
+    for name in ("manifest.json", "val/geneval_prompts.jsonl"):
+        for p in (out / name, out / (name + ".tmp")):
+            p.unlink(missing_ok=True)
     for split in ("train", "val"):
         for p in (out / split).glob(f"shapes-{split}-*.tar*"):
             p.unlink()
@@ -222,9 +231,10 @@ def load(argv: Sequence[str]) -> DatasetConfig:
     """Preset of ``level`` <- YAML ``--config`` <- dotted CLI overrides, validated once."""
     path, rest = split_config_arg(_normalize(argv))
     data = read_yaml(path) if path else {}
-    level = next((v for k, v in reversed(parse_overrides(rest)) if k == "level"), data.get("level", "demo"))
+    from_cli = [v for k, v in parse_overrides(rest) if k == "level"]
+    level, source = (from_cli[-1], CLI_SOURCE) if from_cli else (data.get("level", "demo"), str(path))
     if level not in ("demo", "full"):
-        raise ConfigError("level", f"expected one of 'demo', 'full', got {level!r}", CLI_SOURCE)
+        raise ConfigError("level", f"expected one of 'demo', 'full', got {level!r}", source)
     return load_config(DatasetConfig, path, rest, defaults={"level": level, "world": to_dict(preset(level))})
 
 

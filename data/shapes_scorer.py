@@ -64,10 +64,24 @@ class ScorerConfig:
     "Blur levels (Gaussian sigma in pixels of a 64-px image) the shape templates are tried at."
 
     def validate(self) -> None:
-        if not set(self.colors) <= set(PALETTE) or not set(self.shapes) <= set(SHAPES):
-            raise ConfigError("colors", "colours/shapes must come from data.shapes.PALETTE / SHAPES")
+        for key, values, known in (("colors", self.colors, COLORS), ("shapes", self.shapes, SHAPES)):
+            bad = [v for v in values if v not in known]
+            if bad or not values or len(set(values)) != len(values):
+                raise ConfigError(key, f"need one or more distinct values from {known}, got {list(values)}")
         if not 0 < self.alpha_threshold < 1:
-            raise ConfigError("alpha_threshold", "must be in (0, 1)")
+            raise ConfigError("alpha_threshold", f"must be in (0, 1), got {self.alpha_threshold}")
+        if not 0 <= self.min_area < 1:
+            raise ConfigError("min_area", f"must be in [0, 1) (a fraction of the image area), got {self.min_area}")
+        if not self.max_aspect >= 1:  # a bounding box's long / short side is >= 1: below, nothing passes
+            raise ConfigError("max_aspect", f"must be >= 1, got {self.max_aspect}")
+        if not 0 <= self.min_fit <= 1:  # the fit is a soft IoU in [0, 1]: above 1, nothing is detected
+            raise ConfigError("min_fit", f"must be in [0, 1], got {self.min_fit}")
+        if self.max_objects < 1:
+            raise ConfigError("max_objects", f"must be >= 1, got {self.max_objects}")
+        if self.position_threshold < 0:
+            raise ConfigError("position_threshold", f"must be >= 0, got {self.position_threshold}")
+        if not 0 < self.border < 0.5:
+            raise ConfigError("border", f"must be in (0, 0.5) (a fraction of the side), got {self.border}")
         if not self.blur_sigmas or min(self.blur_sigmas) < 0:
             raise ConfigError("blur_sigmas", "need at least one sigma, all >= 0")
 
@@ -87,7 +101,13 @@ Detections = dict[str, list[Detection]]
 
 
 def as_array(image: Any) -> np.ndarray:
-    """uint8/float (H, W, 3) array from a PIL image, an array, or a path."""
+    """uint8 (H, W, 3) array in 0..255 from a PIL image, a path, or an array.
+
+    Arrays must be integer (H, W, 3) with values in 0..255 (uint8, or e.g. int64 after ``np.rint``).
+    Float arrays are refused with a ValueError: their range is ambiguous ([0, 1] or [0, 255]), and
+    guessing wrong would silently fail every prompt; convert them first, e.g.
+    ``(np.clip(x, 0, 1) * 255).round().astype(np.uint8)`` for [0, 1].
+    """
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if isinstance(image, Image.Image):
@@ -95,7 +115,14 @@ def as_array(image: Any) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
-    return arr
+    if arr.dtype == np.uint8:
+        return arr
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"expected a uint8 image (H, W, 3) in 0..255, got dtype {arr.dtype}; convert a [0, 1] float "
+                         "image with (np.clip(x, 0, 1) * 255).round().astype(np.uint8)")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"expected pixel values in 0..255, got {arr.min()}..{arr.max()} ({arr.dtype})")
+    return arr.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -103,8 +130,11 @@ def as_array(image: Any) -> np.ndarray:
 
 def segment(image: Any, cfg: ScorerConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel colour labels (index into ``cfg.colors``, -1 = background) and the background RGB."""
-    cfg = cfg or ScorerConfig()
-    x = as_array(image).astype(np.float32)
+    return _segment(as_array(image).astype(np.float32), cfg or ScorerConfig())
+
+
+def _segment(x: np.ndarray, cfg: ScorerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`segment` of a float32 (H, W, 3) image in 0..255."""
     h, w, _ = x.shape
     b = max(1, round(min(h, w) * cfg.border))
     ring = np.concatenate([x[:b].reshape(-1, 3), x[-b:].reshape(-1, 3), x[:, :b].reshape(-1, 3), x[:, -b:].reshape(-1, 3)])
@@ -152,7 +182,7 @@ def components(image: Any, cfg: ScorerConfig, max_sigma: float = 0.0) -> list[Co
     component (a textured background drifts across the image).
     """
     x = as_array(image).astype(np.float32)
-    labels, bg = segment(x, cfg)
+    labels, bg = _segment(x, cfg)
     h, w = labels.shape
     fringe = int(np.ceil(2 * max_sigma)) + 1
     out = []
@@ -232,9 +262,11 @@ def detect(image: Any, cfg: ScorerConfig | None = None, method: Literal["iou", "
     """Objects in ``image`` per shape class, most confident first (the order GenEval's rules assume).
 
     The blur level is chosen per image: the one of ``cfg.blur_sigmas`` under which the templates
-    fit all components best (area-weighted), ties going to the sharper one.
+    fit all components best (area-weighted), ties going to the sharper one. ``image``: see :func:`as_array`;
+    a config built in code is validated here (ConfigError), so bad knobs never just detect nothing.
     """
     cfg = cfg or ScorerConfig()
+    cfg.validate()
     arr = as_array(image)
     unit = min(arr.shape[:2]) / 64  # blur_sigmas are in pixels of a 64-px image
     sigmas = [s * unit for s in (cfg.blur_sigmas if method == "iou" else (0.0,))]

@@ -77,8 +77,23 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def unique_paths(paths: Iterable[str]) -> list[str]:
+    """``paths`` without repeats of the same file (compared by resolved path), in first-seen order."""
+    seen: set[str] = set()
+    out = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
 def expand(patterns: Iterable[str]) -> list[str]:
-    """Shard paths from paths, brace patterns (``a-{000..003}.tar``) and folders (their ``*.tar``)."""
+    """Shard paths from paths, brace patterns (``a-{000..003}.tar``) and folders (their ``*.tar``).
+
+    A shard named twice (e.g. by its path and by its folder) is listed once, where first named.
+    """
     paths: list[str] = []
     for pattern in patterns:
         for path in braceexpand.braceexpand(pattern):
@@ -86,14 +101,15 @@ def expand(patterns: Iterable[str]) -> list[str]:
                 paths += sorted(str(p) for p in Path(path).glob("*.tar"))
             else:
                 paths.append(path)
-    return paths
+    return unique_paths(paths)
 
 
 def validate(paths: Iterable[str], *, max_examples: int = 5, progress: bool = False) -> ValidationReport:
-    """Check every sample of every shard; problems are counted, never raised."""
+    """Check every sample of every shard (each file once, see :func:`unique_paths`); problems are counted,
+    never raised."""
     report = ValidationReport(max_examples=max_examples)
     first_seen: dict[str, str] = {}
-    for path in tqdm(list(paths), disable=not progress, file=sys.stderr, unit="shard", desc="validate"):
+    for path in tqdm(unique_paths(paths), disable=not progress, file=sys.stderr, unit="shard", desc="validate"):
         report.shards += 1
         try:
             idx = index_shard(path)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import json
+import os
+import signal
 import tarfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from data import build_shards, validate
-from data.build_shards import BuildError, build, main, parse_size, sanitize_key
+from data.build_shards import BuildError, EmptyBuildError, build, main, parse_size, sanitize_key
 from data.schema import KEY_RE, check_sample
 from data.tar_index import iter_shard
 
@@ -160,14 +167,24 @@ def test_shard_size_by_samples_and_bytes(tmp_path: Path) -> None:
     by_count = build(src, tmp_path / "a/s-%02d.tar", shard_samples=3)
     assert [len(list(iter_shard(p))) for p in by_count.shards] == [3, 3, 1]
 
-    limit = 4 * 2048  # each sample: json + png members, about 2 KB of tar blocks
-    by_bytes = build(src, tmp_path / "b/s-%02d.tar", shard_samples=0, shard_bytes=limit)
+    # Keys over 100 characters: every member needs GNU long-name header blocks, which count too.
+    deep = tmp_path / "long" / ("d" * 60) / ("e" * 50)
+    for i in range(7):
+        _write(deep / f"img{i:02d}.png", _image_bytes((24, 16), seed=i))
+    limit = 4 * 3072  # each sample: 2 long-name + 2 headers, json + png data: about 3 KB of tar blocks
+    by_bytes = build(tmp_path / "long", tmp_path / "b/s-%02d.tar", shard_samples=0, shard_bytes=limit)
     assert len(by_bytes.shards) > 1 and by_bytes.samples == 7
     for shard in by_bytes.shards:
         with tarfile.open(shard) as tf:
-            used = sum(512 + (m.size + 511) // 512 * 512 for m in tf.getmembers())
+            members = tf.getmembers()
+        assert len(members[0].name) > 100
+        last = members[-1]
+        used = last.offset_data + (last.size + 511) // 512 * 512  # the real layout, header blocks and all
         assert used <= limit
-    assert [s["__key__"] for s in _samples(str(tmp_path / "b/s-%02d.tar"))] == [f"img{i:02d}" for i in range(7)]
+        # the file itself: the members plus tarfile's end blocks and record padding (< 11 KiB)
+        assert Path(shard).stat().st_size <= limit + 11 * 1024
+    keys = [s["__key__"] for s in _samples(str(tmp_path / "b/s-%02d.tar"))]
+    assert keys == [f"{'d' * 60}/{'e' * 50}/img{i:02d}" for i in range(7)]
 
 
 def test_max_side_and_format(tmp_path: Path) -> None:
@@ -261,4 +278,175 @@ def test_keys_and_sizes() -> None:
     assert sanitize_key("../x/./y") == "x/y" and sanitize_key("...") == "___" and sanitize_key("") == "sample"
     assert all(KEY_RE.match(sanitize_key(s)) for s in ("é/ü", "a:b", "x\\y", "/abs/path"))
     assert parse_size("1500") == 1500 and parse_size("2k") == 2000 and parse_size("1.5G") == 1_500_000_000
-    assert parse_size("64MiB") == 64 * 2**20
+    assert parse_size("64MiB") == 64 * 2**20 and parse_size("2KiB") == 2048 and parse_size("1GB") == 10**9
+    for bad in ("64i", "1b", "k", "1.5.2M", "12 apples"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+            parse_size(bad)
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+
+class _KillsTheWorker:
+    """Unpickling this runs ``os._exit(1)``: the spawn worker that receives the item dies (like an OOM kill)."""
+
+    def __reduce__(self):
+        return os._exit, (1,)
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    def hung(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: the build hangs")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_dead_worker_is_reported_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _image_folder(tmp_path / "imgs", 6)
+    read_items = build_shards._read_items
+
+    def with_a_killer(*args):
+        items, total, ignored = read_items(*args)
+        items = [dataclasses.replace(it, meta={"task": "reconstruct", "x": _KillsTheWorker()})
+                 if it.key == "img03" else it for it in items]
+        return iter(items), total, ignored
+
+    monkeypatch.setattr(build_shards, "_read_items", with_a_killer)
+    t0 = time.monotonic()
+    with _deadline(60):
+        summary = build(src, tmp_path / "out/s-%02d.tar", workers=2)
+    assert time.monotonic() - t0 < 60
+    # only the item that kills a worker on its own is skipped; the others in flight were retried
+    assert summary.skip_counts == {"worker_crashed": 1}
+    (crashed,) = summary.skipped["worker_crashed"]
+    assert crashed["item"] == str(src / "img03.png") and "died" in crashed["message"]
+    assert [s["__key__"] for s in _samples(summary.pattern)] == ["img00", "img01", "img02", "img04", "img05"]
+
+
+def test_rerun_that_writes_nothing_deletes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _image_folder(tmp_path / "data/imgs", 3)
+    src = _write(tmp_path / "data/list.jsonl", "".join(
+        json.dumps({"image": f"imgs/img{i:02d}.png", "caption": f"c{i}"}) + "\n" for i in range(3)))
+    pattern = str(tmp_path / "out/s-%03d.tar")
+    good = build(src, pattern, shard_samples=2)
+    before = {p: Path(p).read_bytes() for p in good.shards}
+    summary_json = (tmp_path / "out/build_summary.json").read_bytes()
+
+    with pytest.raises(EmptyBuildError, match="no sample was written") as e:  # a wrong --image-root
+        build(src, pattern, shard_samples=2, image_root=tmp_path)
+    assert e.value.summary.skip_counts == {"missing_file": 3} and e.value.summary.stale_removed == []
+    assert {p: Path(p).read_bytes() for p in good.shards} == before
+    assert (tmp_path / "out/build_summary.json").read_bytes() == summary_json  # the good build's summary
+    failed = tmp_path / "out/build_summary.failed.json"
+    assert json.loads(failed.read_text())["skip_counts"] == {"missing_file": 3}
+
+    assert main([str(src), "--out", pattern, "--image-root", str(tmp_path), "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert "error: no sample was written (3 missing_file)" in err and "missing_file (3)" in out
+    assert {p: Path(p).read_bytes() for p in good.shards} == before
+    empty = _write(tmp_path / "empty.jsonl", "\n")
+    assert main([str(empty), "--out", pattern, "--no-progress"]) == 1
+    assert "the input has no items" in capsys.readouterr().err
+
+    again = build(src, pattern, shard_samples=2)  # a good build clears the failed attempt's report
+    assert again.stale_removed == [str(failed)] and not failed.exists()
+
+
+def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _write(root / "a.png", _image_bytes((8, 8)))
+    _write(root / "sub/b.png", _image_bytes((8, 8), seed=1))
+    _write(tmp_path / "elsewhere/c.png", _image_bytes((8, 8), seed=2))
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "sub/loop").symlink_to(root, target_is_directory=True)  # a cycle
+    (root / "sub/twice").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with _deadline(30):
+        summary = build(root, tmp_path / "out/s-%02d.tar")
+    assert [s["__key__"] for s in _samples(summary.pattern)] == ["a", "linked/c", "sub/b"]
+    assert len(summary.ignored) == 2
+    loop, twice = summary.ignored
+    assert loop == f"{root / 'sub/loop'}/ (the folder {root.resolve()}, already read as {root})"
+    assert twice == f"{root / 'sub/twice'}/ (the folder {(tmp_path / 'elsewhere').resolve()}, already read as {root / 'linked'})"
+
+
+def test_sidecars_match_any_case_and_lose_their_bom(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _write(root / "IMG_1.JPG", _image_bytes((8, 8), "JPEG"))
+    _write(root / "IMG_1.TXT", "\ufeffa camera photo\n".encode())
+    _write(root / "two.png", _image_bytes((8, 8)))
+    _write(root / "two.txt", "one caption")
+    _write(root / "two.Txt", "another caption")
+    summary = build(root, tmp_path / "out/s-%02d.tar")
+    (sample,) = _samples(summary.pattern)
+    assert sample["__key__"] == "IMG_1" and json.loads(sample["json"]) == {"caption": "a camera photo"}
+    assert summary.skip_counts == {"bad_caption": 1} and "several caption files" in summary.skipped["bad_caption"][0]["message"]
+    assert summary.ignored == []
+
+
+def test_mpo_camera_jpeg_stays_jpg(tmp_path: Path) -> None:
+    first, second = Image.new("RGB", (16, 12), (200, 10, 10)), Image.new("RGB", (16, 12), (10, 200, 10))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    mpo = _write(tmp_path / "images/cam.jpg", buf.getvalue())
+    assert Image.open(mpo).format == "MPO"
+    summary = build(tmp_path / "images", tmp_path / "out/s-%02d.tar")
+    (sample,) = _samples(summary.pattern)
+    assert "png" not in sample and sample["jpg"] == mpo.read_bytes()  # the original bytes, not re-encoded
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (30, 90, 200)).save(buf, "JPEG", exif=exif)
+    _write(tmp_path / "images/phone.jpg", buf.getvalue())
+    _write(tmp_path / "images/plain.jpg", _image_bytes((20, 10), "JPEG"))
+    summary = build(tmp_path / "images", tmp_path / "out/s-%02d.tar")
+    sizes = {s["__key__"]: Image.open(io.BytesIO(s["jpg"])).size for s in _samples(summary.pattern)}
+    assert sizes == {"phone": (10, 20), "plain": (20, 10)}
+    assert _samples(summary.pattern)[1]["jpg"] == (tmp_path / "images/plain.jpg").read_bytes()
+
+
+def test_deeply_nested_json_is_a_bad_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "x.png", _image_bytes((8, 8)))
+    lines = ["[" * 100_000, json.dumps({"image": "x.png", "caption": "fine"}), '{"a": ' * 50_000]
+    src = _write(tmp_path / "deep.jsonl", "\ufeff" + "\n".join(lines) + "\n")  # and a BOM on line 1
+    summary = build(src, tmp_path / "out/s-%02d.tar")
+    assert summary.samples == 1 and summary.skip_counts == {"bad_record": 2}
+    assert [it["item"] for it in summary.skipped["bad_record"]] == [f"{src}:1", f"{src}:3"]
+    assert all("nested too deeply" in it["message"] for it in summary.skipped["bad_record"])
+    llava = _write(tmp_path / "deep.json", "[" * 100_000)
+    assert main([str(llava), "--out", str(tmp_path / "o2/s-%02d.tar"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(llava) in err and "nested too deeply" in err
+
+
+@pytest.mark.parametrize("pattern,message", [
+    ("50%/s-%03d.tar", "folder part must not contain '%'"),
+    ("out/s-%5d.tar", "%d or %0Nd"),
+    ("out/s-%03d-%03d.tar", "%d or %0Nd"),
+    ("out/s-%03x.tar", "%d or %0Nd"),
+])
+def test_out_pattern_is_checked(tmp_path: Path, pattern: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _image_folder(tmp_path / "imgs", 1)
+    assert main([str(src), "--out", str(tmp_path / pattern), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("build_shards: error: --out") and message in err and "Traceback" not in err
+
+
+def test_plain_percent_d_pattern_and_its_stale_shards(tmp_path: Path) -> None:
+    src = _image_folder(tmp_path / "imgs", 12)
+    pattern = str(tmp_path / "out/s-%d.tar")
+    assert len(build(src, pattern, shard_samples=1).shards) == 12
+    for i in range(2, 12):
+        (src / f"img{i:02d}.png").unlink()
+    summary = build(src, pattern, shard_samples=1)
+    assert sorted(summary.stale_removed) == sorted(pattern % i for i in range(2, 12))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["s-0.tar", "s-1.tar"]

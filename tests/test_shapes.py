@@ -13,18 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data import shapes_cli
 from data.schema import check_sample, decode_image
 from data.shapes import (
     MME_SUFFIX,
     NUMBERS,
     PLURALS,
+    RELATIONS,
     TAGS,
     ShapesConfig,
+    place_objects,
     preset,
     relative_position,
     render_sample,
     render_scene,
     robust_relations,
+    scene_record,
 )
 from data.shapes_cli import DatasetConfig, geneval_prompts, main, write_dataset
 from data.shapes_scorer import evaluate, truth_detections
@@ -50,16 +54,60 @@ def test_presets_are_valid_and_shaped_as_documented():
     assert len(full.colors) == 10 and full.max_objects == 4 and full.background == "textured"
 
 
-@pytest.mark.parametrize("override", [
-    {"background_color": [235, 235, 235]},  # light grey next to white objects
-    {"colors": ["red", "teal"]},
-    {"shapes": ["circle"]},  # two-class tags impossible
-    {"object_size": [0.5, 0.55], "max_objects": 4},
-    {"tag_weights": {"counting": -1.0}},
+@pytest.mark.parametrize("override,key", [
+    ({"background_color": [235, 235, 235]}, "background_color"),  # light grey next to white objects
+    ({"colors": ["red", "teal"]}, "colors"),
+    ({"shapes": ["circle"]}, "tag_weights"),  # two-class tags impossible
+    ({"object_size": [0.5, 0.55], "max_objects": 4}, "object_size"),
+    ({"tag_weights": {"counting": -1.0}}, "tag_weights"),
+    # one object at most, but a tag whose scenes have two
+    ({"max_objects": 1, "tag_weights": {"single_object": 1, "two_object": 1}}, "tag_weights"),
+    ({"max_objects": 1, "tag_weights": {"colors": 1, "color_attr": 1}}, "tag_weights"),
+    ({"max_objects": 1, "tag_weights": {"position": 1}}, "tag_weights"),
+    ({"min_gap": -0.02}, "min_gap"),  # overlapping objects
+    ({"min_gap": 0.0}, "min_gap"),  # touching squares read as one rectangle
+    ({"margin": -0.05}, "margin"),  # objects outside the image
+    ({"qa_turns": -1}, "qa_turns"),
+    ({"position_margin": -0.1}, "position_margin"),
+    ({"position_margin": 0.35}, "position_margin"),  # no layout satisfies the raised threshold and cutoff
+    ({"background": "textured", "texture_amplitude": 40.0}, "texture_amplitude"),  # grey swings near white
+    ({"background_jitter": 70}, "background_jitter"),
+    ({"background_jitter": -1}, "background_jitter"),
 ])
-def test_config_rejects_contradictions(override):
-    with pytest.raises(ConfigError):
+def test_config_rejects_contradictions(override, key):
+    with pytest.raises(ConfigError) as e:
         from_dict(ShapesConfig, {**to_dict(preset("demo")), **override})
+    assert e.value.key == key, e.value
+
+
+def test_background_check_counts_jitter_and_texture():
+    full = to_dict(preset("full"))  # brown on grey: 111 apart; +-(12 + 2 * 6) of swing leaves 82 >= 80
+    from_dict(ShapesConfig, full)
+    with pytest.raises(ConfigError, match="'brown'") as e:
+        from_dict(ShapesConfig, {**full, "texture_amplitude": 8.0})
+    assert e.value.key == "texture_amplitude"
+    from_dict(ShapesConfig, {**full, "background": "plain", "texture_amplitude": 8.0})  # texture unused
+
+
+def test_tight_config_always_places_its_objects():
+    """A config that validates never fails to place its objects (it used to raise after rejection sampling)."""
+    tight = from_dict(ShapesConfig, {**to_dict(preset("demo")), "max_objects": 4, "object_size": [0.4, 0.44],
+                                     "tag_weights": {"counting": 1, "position": 1}})
+    side = float(tight.image_size)
+    rng = np.random.default_rng(0)
+    layouts = [place_objects(tight, rng, 4) for _ in range(3)]
+    layouts += [place_objects(tight, rng, 2, rel) for rel in RELATIONS]
+    for boxes in layouts:
+        for j, a in enumerate(boxes):
+            assert tight.margin * side - 1e-9 <= min(a) and max(a) <= side * (1 - tight.margin) + 1e-9
+            assert 0.4 * side - 1e-9 <= a[2] - a[0] <= 0.44 * side + 1e-9
+            for b in boxes[j + 1:]:
+                assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= tight.min_gap * side - 1e-9
+    for boxes, rel in zip(layouts[3:], RELATIONS):
+        assert rel in robust_relations(boxes[1], boxes[0], tight.position_margin)
+    for i in range(20):
+        rec = scene_record(tight, "train", i)
+        assert evaluate(truth_detections(rec["objects"]), rec["geneval"]) == (True, "")
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -117,7 +165,8 @@ def test_samples_valid_and_match_their_prompt(level, size, n):
         for o in objs:
             x0, y0, x1, y1 = o["bbox"]
             assert cfg.object_size[0] * side - 0.02 <= x1 - x0 <= cfg.object_size[1] * side + 0.02
-            assert 0 <= x0 and x1 <= side and 0 <= y0 and y1 <= side
+            inner = cfg.margin * side - 0.02  # inside the image, margin included
+            assert inner <= x0 and x1 <= side - inner and inner <= y0 and y1 <= side - inner
             assert o["color"] in cfg.colors and o["shape"] in cfg.shapes
         for j, a in enumerate(objs):  # never overlapping, always a gap
             for b in objs[j + 1:]:
@@ -135,6 +184,20 @@ def test_samples_valid_and_match_their_prompt(level, size, n):
         assert conv[0] == {"from": "human", "value": "<image>\nDescribe the image."}
         assert conv[1] == {"from": "gpt", "value": cap}
         assert len(conv) == 2 + 2 * cfg.qa_turns
+        for question, answer in zip(conv[2::2], conv[3::2]):  # every answer is the ground truth
+            assert (question["from"], answer["from"]) == ("human", "gpt")
+            assert answer["value"] == _qa_truth(question["value"], objs, cfg.position_margin), question
+
+
+def _qa_truth(q: str, objs: list[dict], margin: float) -> str:
+    """Independent oracle for the open questions of a conversation (MME questions: _mme_truth)."""
+    if m := re.fullmatch(r"How many (\w+) are there\?", q):
+        shape = next(s for s, plural in PLURALS.items() if plural == m.group(1))
+        return NUMBERS[sum(o["shape"] == shape for o in objs)].capitalize() + "."
+    if m := re.fullmatch(r"What color is the (\w+)\?", q):
+        (o,) = _find(objs, m.group(1))  # only asked about a shape that is unique in the image
+        return o["color"].capitalize() + "."
+    return _mme_truth(q, objs, margin)
 
 
 # ----------------------------------------------------------------------------- GenEval format
@@ -256,7 +319,8 @@ def test_mme_pairs_are_one_yes_one_no_and_true(level):
             for q in pair:
                 assert q["question"].endswith(MME_SUFFIX)
                 assert _mme_truth(q["question"], rec["objects"], cfg.position_margin) == q["answer"], q
-    assert min(asked.values()) >= 40, asked
+    assert set(asked) == {"existence", "count", "position", "color"}, asked  # every subtask is asked ...
+    assert min(asked.values()) >= 40, asked  # ... often
 
 
 # ----------------------------------------------------------------------------- command line
@@ -282,13 +346,65 @@ def test_cli_writes_the_documented_layout(tmp_path):
         assert all(Counter(n for n, _, _ in rows)[n] == 2 for n, _, _ in rows)
 
 
-def test_cli_errors_exit_2(tmp_path, capsys):
-    for argv in (["--n", "3"], ["--out", str(tmp_path), "--world.colour", "red"],
-                 ["--out", str(tmp_path), "--world.background_color", "240,240,240"], ["--out", "x", "--level", "hard"]):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 2
-    assert "config error" in capsys.readouterr().err
+@pytest.mark.parametrize("args,names", [
+    (["--n", "3"], "command line: out: an output directory is required"),
+    (["--world.colour", "red"], "command line: world.colour: unknown key (did you mean 'colors'?)"),
+    (["--world.background_color", "240,240,240"], "world.background_color: the background"),
+    (["--level", "hard"], "command line: level: expected one of 'demo', 'full', got 'hard'"),
+    (["--seed", "-1"], "seed: must be >= 0"),
+    (["--world.max_objects", "1"], "world.tag_weights: tag 'two_object' needs 2 shapes and max_objects >= 2"),
+])
+def test_cli_errors_exit_2(tmp_path, capsys, args, names):
+    argv = args if args[0] == "--n" else ["--out", str(tmp_path / "ds"), *args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and names in err and "Traceback" not in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_yaml_level_error_names_the_file(tmp_path, capsys):
+    yaml_file = tmp_path / "shapes.yaml"
+    yaml_file.write_text("level: hard\nn: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(yaml_file), "--out", str(tmp_path / "ds")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{yaml_file}: level: expected one of 'demo', 'full', got 'hard'" in err and "command line" not in err
+
+
+def _small(out, **kw) -> DatasetConfig:
+    return DatasetConfig(out=str(out), n=6, n_val=4, shard_size=4, workers=1, geneval_per_tag=2, **kw)
+
+
+def test_bad_config_leaves_the_old_dataset_alone(tmp_path):
+    out = tmp_path / "ds"
+    write_dataset(_small(out), log=lambda s: None)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = preset("demo")
+    bad.position_margin = 0.35  # passes the type checks; no position scene can satisfy it
+    with pytest.raises(ConfigError, match="position_margin"):
+        write_dataset(_small(out, world=bad), log=lambda s: None)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_failed_rerun_leaves_no_manifest(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    write_dataset(_small(out), log=lambda s: None)
+    assert (out / "manifest.json").is_file() and (out / "val/geneval_prompts.jsonl").is_file()
+
+    def render_or_fail(cfg, split, index, seed=0):
+        if index == 5:
+            raise OSError("disk full (simulated)")
+        return render_sample(cfg, split, index, seed)
+
+    monkeypatch.setattr(shapes_cli, "render_sample", render_or_fail)
+    with pytest.raises(OSError, match="simulated"):
+        write_dataset(_small(out), log=lambda s: None)
+    # no completion marker and no prompt file that would describe the earlier run
+    assert not (out / "manifest.json").exists() and not (out / "val/geneval_prompts.jsonl").exists()
+    assert [p.name for p in (out / "train").iterdir()] == ["shapes-train-000000.tar"]
 
 
 def test_python_m_data_shapes(tmp_path):
@@ -302,7 +418,19 @@ def test_python_m_data_shapes(tmp_path):
 
 def test_images_scale_with_image_size():
     small, big = render_scene(_cfg("full", 64), "train", 5), render_scene(_cfg("full", 256), "train", 5)
-    assert big.image.shape == (256, 256, 3)
-    assert small.record["geneval"] == big.record["geneval"] and small.record["mme"] == big.record["mme"]
-    for a, b in zip(small.record["objects"], big.record["objects"]):
-        assert np.allclose(np.array(a["bbox"]) * 4, b["bbox"], atol=0.05)
+    assert big.image.shape == (256, 256, 3) and small.image.shape == (64, 64, 3)
+    assert small.record["mme"] == big.record["mme"]
+
+
+@pytest.mark.parametrize("level", ["demo", "full"])
+def test_same_text_at_64_and_256_px(level):
+    """The prompt, caption, MME pairs and conversation of a scene do not depend on the image size
+    (demo train 222 used to lose its position question at 64 px: relations came from rounded boxes)."""
+    small, big = _cfg(level, 64), _cfg(level, 256)
+    for i in range(300):
+        a, b = scene_record(small, "train", i), scene_record(big, "train", i)
+        for key in ("geneval", "caption", "mme", "conversations"):
+            assert a[key] == b[key], (i, key)
+        for oa, ob in zip(a["objects"], b["objects"]):
+            assert np.allclose(np.array(oa["bbox"]) * 4, ob["bbox"], atol=0.03)
+    assert scene_record(big, "train", 5) == render_scene(big, "train", 5).record

@@ -9,7 +9,17 @@ import pytest
 from PIL import Image
 
 from data.shapes import preset, relative_position, render_scene
-from data.shapes_scorer import Detection, agrees, degrade, detect, evaluate, score, truth_detections
+from data.shapes_scorer import (
+    Detection,
+    ScorerConfig,
+    agrees,
+    degrade,
+    detect,
+    evaluate,
+    score,
+    truth_detections,
+)
+from unimllm.config import ConfigError, from_dict
 
 # (level, image size, images): >= 300 images over both levels and both sizes
 SETS = [("demo", 64, 160), ("full", 64, 160), ("demo", 256, 20), ("full", 256, 20)]
@@ -96,6 +106,43 @@ def test_blank_image_has_no_detections_and_inputs_are_flexible(tmp_path):
     expected = score(scene.image, scene.record["geneval"])
     assert expected[0] and score(Image.fromarray(scene.image), scene.record["geneval"]) == expected
     assert score(path, scene.record["geneval"]) == expected
+
+
+def test_image_dtypes_are_checked():
+    scene = render_scene(preset("demo"), "val", 3)
+    assert score(scene.image, scene.record["geneval"])[0]
+    # integer arrays in 0..255 are fine (e.g. after np.rint); they are the same image
+    assert score(scene.image.astype(np.int64), scene.record["geneval"])[0]
+    # a float image is refused, never silently mis-scored ([0, 1] used to give "no objects")
+    for floats in (scene.image / 255.0, scene.image.astype(np.float32)):
+        with pytest.raises(ValueError, match="expected a uint8 image .* got dtype float"):
+            detect(floats)
+    with pytest.raises(ValueError, match="values in 0..255"):
+        detect(scene.image.astype(np.int16) * 2)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        detect(scene.image[..., 0])
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"colors": []}, "colors"),
+    ({"shapes": []}, "shapes"),
+    ({"shapes": ["circle", "hexagon"]}, "shapes"),
+    ({"colors": ["red", "teal"]}, "colors"),
+    ({"colors": ["red", "red"]}, "colors"),
+    ({"min_fit": 1.2}, "min_fit"),  # a soft IoU never exceeds 1: nothing would be detected
+    ({"max_aspect": 0.8}, "max_aspect"),  # no bounding box is that "elongated": nothing would be detected
+    ({"min_area": 1.5}, "min_area"),
+    ({"max_objects": 0}, "max_objects"),
+    ({"border": 0.0}, "border"),
+    ({"alpha_threshold": 1.0}, "alpha_threshold"),
+])
+def test_scorer_config_is_validated(override, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(ScorerConfig, override)
+    assert e.value.key == key, e.value
+    with pytest.raises(ConfigError) as e:  # a config built in code is checked when it is used
+        detect(np.full((64, 64, 3), 128, np.uint8), ScorerConfig(**override))
+    assert e.value.key == key
 
 
 @pytest.fixture(scope="module")

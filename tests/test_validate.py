@@ -95,3 +95,23 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main([str(tmp_path)]) == 2  # an empty folder: nothing to validate
     assert "no shards found" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_a_shard_named_twice_is_read_once(shards: list[str], tmp_path: Path) -> None:
+    folder = str(tmp_path / "good")
+    via_link = tmp_path / "link.tar"
+    via_link.symlink_to(shards[0])
+    assert expand([shards[0], folder, str(via_link)]) == shards  # first-named order, each file once
+    report = validate([shards[0], shards[0], str(via_link), *shards])
+    assert report.ok and (report.shards, report.samples, report.valid) == (2, 6, 6)
+    assert main([shards[1], folder, "--no-progress"]) == 0
+
+
+def test_deeply_nested_json_member_is_bad_json(tmp_path: Path) -> None:
+    with ShardWriter(str(tmp_path / "deep-%02d.tar"), max_samples=10) as writer:
+        img = Image.new("RGB", (8, 8))
+        writer.write(make_sample("ok", img, {"caption": "fine"}))
+        writer.write({**make_sample("deep", img, {"caption": "x"}), "json": b"[" * 200_000})
+    report = validate(writer.written)
+    assert report.errors == {"bad_json": 1} and (report.samples, report.valid) == (2, 1)
+    assert report.examples["bad_json"][0].startswith(f"{writer.written[0]}:deep: json:")
