@@ -11,12 +11,14 @@ import pytest
 
 from data.config import DataConfig
 from data.shapes import ShapesConfig
-from unimllm.config import field_docs, load_config
+from tokenizer.stage import Stage1Config, model_presets
+from unimllm.config import field_docs, load_config, preset_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # launch/configs/<folder>/*.yaml -> the root config class of that folder. A new folder must be added here.
-CONFIG_CLASSES: dict[str, type] = {"data": DataConfig}
-ROOT_CLASSES = [DataConfig, ShapesConfig]
+CONFIG_CLASSES: dict[str, type] = {"data": DataConfig, "stage1": Stage1Config}
+PRESETS = {Stage1Config: ("model_preset", model_presets)}  # classes whose YAMLs start from a preset
+ROOT_CLASSES = [DataConfig, ShapesConfig, Stage1Config]
 PACKAGES = ("unimllm", "tokenizer", "llm", "data", "eval")
 YAMLS = sorted((ROOT / "launch/configs").rglob("*.yaml"))
 
@@ -29,7 +31,9 @@ def test_some_configs_are_shipped():
 def test_shipped_yaml_loads(path):
     folder = path.relative_to(ROOT / "launch/configs").parts[0]
     assert folder in CONFIG_CLASSES, f"{path}: no config class registered for launch/configs/{folder}/"
-    load_config(CONFIG_CLASSES[folder], path)
+    cls = CONFIG_CLASSES[folder]
+    defaults = preset_defaults(cls, path, [], *PRESETS[cls]) if cls in PRESETS else None
+    load_config(cls, path, defaults=defaults)
 
 
 def config_classes() -> list[type]:
@@ -55,7 +59,8 @@ def test_every_field_has_a_docstring(cls):
 
 
 def _code_outside(skip: Path) -> str:
-    return "\n".join(p.read_text() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != skip)
+    """All package and entry-point code except ``skip`` (the module defining the config)."""
+    return "\n".join(p.read_text() for pkg in (*PACKAGES, "launch") for p in (ROOT / pkg).rglob("*.py") if p != skip)
 
 
 @pytest.mark.parametrize("cls", config_classes(), ids=lambda c: c.__name__)
@@ -65,5 +70,5 @@ def test_every_field_is_read_somewhere(cls):
     code = _code_outside(module) + "\n" + "\n".join(
         line for line in module.read_text().splitlines() if not re.match(r"^\s+\w+: .*=", line)
     )
-    unused = [f.name for f in dataclasses.fields(cls) if not re.search(rf"\.{f.name}\b", code)]
+    unused = [f.name for f in dataclasses.fields(cls) if not re.search(rf"\.{f.name}\b|[\"']{f.name}[\"']", code)]
     assert not unused, f"{cls.__name__}: fields never read: {unused}"

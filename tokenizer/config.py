@@ -156,3 +156,4 @@ def preset(name: str) -> TokenizerConfig:
             semantic_decoder=SemanticDecoderConfig(width=1024, depth=3, num_heads=12, head_dim=85),
         )
     raise ConfigError("preset", f"unknown tokenizer preset {name!r} (tiny, base-256)")
+

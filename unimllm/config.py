@@ -28,7 +28,7 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -433,10 +433,27 @@ def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config: str | Path | None = None) -> T:
+def preset_defaults(cls: type, path: str | Path | None, overrides: Sequence[str], preset_key: str,
+                    presets: Callable[[str], dict]) -> dict:
+    """The defaults layer of a preset named by ``preset_key`` (CLI > YAML > the field's default)."""
+    from_cli = [v for k, v in parse_overrides(overrides) if k == preset_key]
+    from_yaml = read_yaml(path).get(preset_key) if path is not None else None
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == preset_key)
+    name = from_cli[-1] if from_cli else from_yaml if from_yaml is not None else default
+    source = CLI_SOURCE if from_cli else str(path) if from_yaml is not None else "defaults"
+    try:
+        return {preset_key: name, **presets(name)}
+    except ConfigError as e:
+        raise ConfigError(preset_key, e.message, source) from None
+
+
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,
+              preset_key: str | None = None, presets: Callable[[str], dict] | None = None) -> T:
     """Entry-point helper: ``[--config FILE] [--dotted.key VALUE ...] [--help]`` -> validated config.
 
-    Prints ``--help`` and exits 0; prints a ConfigError and exits 2 (no traceback).
+    With ``preset_key``/``presets``, the field ``preset_key`` names a preset whose dict (e.g. a model
+    config) layers between the dataclass defaults and the YAML. Prints ``--help`` and exits 0; prints a
+    ConfigError and exits 2 (no traceback).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -444,7 +461,9 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config
         raise SystemExit(0)
     try:
         path, rest = split_config_arg(argv)
-        return load_config(cls, path or default_config, rest)
+        path = path or default_config
+        defaults = preset_defaults(cls, path, rest, preset_key, presets) if preset_key and presets else None
+        return load_config(cls, path, rest, defaults=defaults)
     except ConfigError as e:
         exit_with(e)
     raise AssertionError("unreachable")

@@ -9,6 +9,7 @@ Models never import this module (house style: parallelism is applied in one plac
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -115,10 +116,51 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, prec
     return cfg
 
 
+@contextlib.contextmanager
+def gathered_parameters(module: torch.nn.Module, zero_stage: int):
+    """Full parameters of ``module`` inside the block on every rank (ZeRO-3 gathers; collective)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def _clip_in_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip (and record ``optimizer.last_grad_norm``) right before each step, after the gradient all-reduce."""
+    step = optimizer.step
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def clipped_step(*args: Any, **kwargs: Any) -> Any:
+        optimizer.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    optimizer.step = clipped_step  # type: ignore[method-assign]
+
+
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> Any:
-    """Wrap ``model`` + a client torch optimizer in a DeepSpeed engine (ZeRO 0-3 per ``ds_config``)."""
+    """Wrap ``model`` + a client torch optimizer in a DeepSpeed engine (ZeRO 0-3 per ``ds_config``).
+
+    Without ZeRO and mixed precision, DeepSpeed clips but does not keep the gradient norm, so there the
+    clipping runs in the optimizer step instead (same maths) and the norm is kept for logging.
+    """
     import deepspeed  # imported here: `tokenizer/` and `llm/` never need it
 
+    plain = ds_config["zero_optimization"]["stage"] == 0 and "bf16" not in ds_config and "fp16" not in ds_config
+    clip = ds_config.get("gradient_clipping", 0)
+    if plain and clip > 0:
+        ds_config = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
+        _clip_in_step(optimizer, clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     return engine
+
+
+def grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the engine's last optimizer step, when known."""
+    gn = engine.get_global_grad_norm()
+    if gn is None:
+        gn = getattr(engine.optimizer, "last_grad_norm", None)
+    return None if gn is None else float(gn)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from unimllm.checkpoint import Checkpointer, latest_checkpoint
 from unimllm.config import ConfigError, dump_config, to_dict
-from unimllm.distributed import DistInfo, all_reduce_sums, build_engine, deepspeed_config
+from unimllm.distributed import DistInfo, all_reduce_sums, build_engine, deepspeed_config, grad_norm
 from unimllm.logging import Logger, build_logger, print0
 
 
@@ -58,6 +58,25 @@ class ScheduleConfig:
         t = (step - warm) / max(1, total - warm - 1)
         shape = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1 - t
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) settings (the reference tokenizer recipe: lr 1e-4, betas 0.9/0.95, no weight decay)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+    def build(self, params, device: torch.device) -> torch.optim.Optimizer:
+        """A client torch optimizer (no DeepSpeed JIT op: fused kernel on CUDA, foreach on CPU)."""
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay, fused=device.type == "cuda")
 
 
 @dataclass
@@ -174,7 +193,8 @@ class Task:
         return {}
 
     def export(self, engines: dict[str, Any], out_dir: Path) -> None:
-        """Write the standalone deliverable (e.g. the tokenizer directory) on rank 0."""
+        """Write the standalone deliverable (e.g. the tokenizer directory). Called on every rank (a
+        ZeRO-3 gather is collective); only rank 0 writes."""
 
 
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16
@@ -291,8 +311,7 @@ class Trainer:
         final = {**last, **self._evaluate()}
         self._images()
         self.save()
-        if self.dist.is_main:
-            task.export(self.engines, self.out / "export")
+        task.export(self.engines, self.out / "export")  # collective (ZeRO-3 gathers); writes on rank 0
         self.logger.close()
         return final
 
@@ -313,9 +332,9 @@ class Trainer:
         metrics["perf/step_s"] = dt / max(1, n / self.cfg.grad_accum)
         for name, engine in self.engines.items():
             metrics[f"train/lr_{name}"] = self.base_lrs[name][0] * lr_factor
-            gn = engine.get_global_grad_norm()
+            gn = grad_norm(engine)
             if gn is not None:
-                metrics[f"train/grad_norm_{name}"] = float(gn)
+                metrics[f"train/grad_norm_{name}"] = gn
         metrics.update(self.task.data_stats())
         assert self.logger is not None
         self.logger.log(metrics, self.step)

@@ -1,0 +1,98 @@
+"""Stage 1 end to end on shapes-world shards: artefacts, exact resume in-process and under deepspeed ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.shapes_cli import DatasetConfig, write_dataset
+from tokenizer.model import EvoTokenizer
+from unimllm.checkpoint import latest_checkpoint, list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import stage1  # noqa: E402
+
+# The tiny preset shrunk further so a step takes well under a second on a shared 2-core CPU.
+SMALL = ["--model.pixel_decoder.channels", "16", "--model.pixel_decoder.z_channels", "16",
+         "--model.pixel_decoder.channel_mult", "1,1,2,2", "--model.quantizer.codebook_size", "64",
+         "--model.quantizer.depth_sem", "4", "--model.quantizer.depth_pix", "2",
+         "--model.encoder.hidden_size", "32", "--model.teacher.hidden_size", "32",
+         "--model.semantic_decoder.width", "32", "--data.batch_size", "4", "--val.batch_size", "8",
+         "--val.max_images", "16", "--val.grid_images", "4", "--train.log_every", "1", "--run.wandb_mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = DatasetConfig(out=str(out), n=48, n_val=16, shard_size=16, workers=0, geneval_per_tag=2)
+    write_dataset(cfg, log=lambda *_: None)
+    return out
+
+
+def args(shapes: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "launch/configs/stage1/tiny.yaml"), *SMALL,
+            "--data.sources.0.shards", str(shapes / "train/shapes-train-{000000..000002}.tar"),
+            "--val.shards", str(shapes / "val/shapes-val-000000.tar"),
+            "--train.steps", str(steps), "--run.out_dir", str(out), *extra]
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_stage1_in_process_artefacts_and_exact_resume(shapes, tmp_path):
+    full = tmp_path / "full"
+    final = stage1.main(args(shapes, full, 4, "--train.save_every", "2", "--train.eval_every", "2"))
+    assert 0 < final["val/psnr"] < 60 and 0 <= final["val/ssim"] <= 1 and 0 <= final["val/shapes_accept"] <= 1
+    assert [s for s, _ in list_checkpoints(full / "checkpoints")] == [2, 4]
+    ckpt = latest_checkpoint(full / "checkpoints")
+    assert {p.name for p in ckpt.iterdir()} == {"meta.json", "tokenizer", "rank_00000.pt"}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["model_config"]["quantizer"]["depth_sem"] == 4
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows for k in r}
+    assert {"train/loss/rec", "train/loss/commit", "train/codebook/usage_d1", "train/codebook/perplexity_d4",
+            "train/codebook/restarts", "train/grad_norm_tokenizer", "train/lr_tokenizer", "perf/images_per_s",
+            "perf/data_time_frac", "perf/peak_mem_gb", "val/psnr", "val/ssim", "val/shapes_accept"} <= logged
+    assert list((full / "images").glob("val_reconstructions_*.png"))
+    # the export loads without DeepSpeed and decodes
+    model = EvoTokenizer.from_pretrained(full / "export" / "tokenizer", with_teacher=False)
+    codes = model.encode(torch.zeros(1, 3, 64, 64))
+    assert codes.shape == (1, 8, 8, 4) and model.decode_pixels(codes).shape == (1, 3, 64, 64)
+
+    part = tmp_path / "part"
+    stage1.main(args(shapes, part, 2))
+    stage1.main(args(shapes, part, 4))  # auto-resume from step 2
+    assert losses(part) == losses(full)  # bitwise
+
+
+@pytest.mark.slow
+def test_stage1_deepspeed_two_ranks_zero2_resume_exact(shapes, tmp_path):
+    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert ds
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+
+    def launch(out: Path, steps: int, port: int) -> None:
+        cmd = [ds, "--num_accelerators", "2", "--master_port", str(port), str(ROOT / "launch/stage1.py"),
+               *args(shapes, out, steps, "--train.zero_stage", "2")]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    launch(tmp_path / "full", 4, 29621)
+    launch(tmp_path / "part", 2, 29622)
+    launch(tmp_path / "part", 4, 29623)
+    ckpt = latest_checkpoint(tmp_path / "part" / "checkpoints")
+    assert {"meta.json", "tokenizer", "rank_00000.pt", "rank_00001.pt"} <= {p.name for p in ckpt.iterdir()}
+    zero = {p.name for p in (ckpt / "tokenizer" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= zero
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert (tmp_path / "full" / "export" / "tokenizer" / "model.safetensors").is_file()
