@@ -21,15 +21,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return (10 * torch.log10(data_range**2 / mse)).float()
 
 
-def _window(size: int, gaussian: bool, sigma: float, channels: int, device) -> torch.Tensor:
+def _window(size: int, gaussian: bool, sigma: float, device) -> torch.Tensor:
+    """Separable window as (k,) float32 taps summing to 1."""
     if gaussian:
         ax = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
         g = torch.exp(-(ax**2) / (2 * sigma**2))
-        w1 = g / g.sum()
-    else:
-        w1 = torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
-    w2 = w1[:, None] * w1[None, :]  # (k, k), sums to 1
-    return w2.expand(channels, 1, size, size).contiguous()  # depthwise (C, 1, k, k)
+        return (g / g.sum()).float()
+    return torch.full((size,), 1.0 / size, dtype=torch.float32, device=device)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win_size: int = 11, gaussian: bool = True,
@@ -38,9 +36,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win_size:
     B, C, H, W = x.shape
     if min(H, W) < win_size:
         raise ValueError(f"ssim: images {H}x{W} are smaller than the {win_size}x{win_size} window")
-    x, y = x.double(), y.double()
-    w = _window(win_size, gaussian, sigma, C, x.device)
-    filt = lambda t: F.conv2d(t, w, groups=C)  # noqa: E731  valid region only: (B, C, H-k+1, W-k+1)
+    x, y = x.float(), y.float()
+    w = _window(win_size, gaussian, sigma, x.device)
+    k = win_size
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        """Separable 'valid' filtering of (B, C, H, W) -> (B, C, H-k+1, W-k+1), channels as batch."""
+        t = t.reshape(B * C, 1, H, W)
+        t = F.conv2d(t, w.view(1, 1, k, 1))  # (BC, 1, H-k+1, W)
+        t = F.conv2d(t, w.view(1, 1, 1, k))  # (BC, 1, H-k+1, W-k+1)
+        return t.view(B, C, H - k + 1, W - k + 1)
+
     ux, uy = filt(x), filt(y)
     uxx, uyy, uxy = filt(x * x), filt(y * y), filt(x * y)
     n = win_size * win_size

@@ -96,3 +96,26 @@ def test_stage1_deepspeed_two_ranks_zero2_resume_exact(shapes, tmp_path):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= zero
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     assert (tmp_path / "full" / "export" / "tokenizer" / "model.safetensors").is_file()
+
+
+def test_reconstruct_cli_writes_images_and_metrics(tmp_path):
+    from tokenizer.config import preset
+    from tokenizer.reconstruct import main as reconstruct
+
+    cfg = preset("tiny")
+    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
+    EvoTokenizer(cfg, with_teacher=False).save_pretrained(tmp_path / "tok")
+    imgs = tmp_path / "imgs" / "sub"
+    imgs.mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (80, 64), (40 * i, 90, 200)).save(imgs / f"im{i}.png")
+    (imgs / "broken.png").write_bytes(b"not a png")
+    assert reconstruct(["--ckpt", str(tmp_path / "tok"), "--images", str(tmp_path / "imgs"),
+                        "--out", str(tmp_path / "out"), "--depth", "2"]) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["images"] == 3 and m["depth"] == 2 and len(m["skipped"]) == 1 and "broken.png" in m["skipped"][0]["image"]
+    assert all(0 < r["psnr"] < 100 for r in m["per_image"])
+    assert Image.open(tmp_path / "out" / "sub" / "im0.png").size == (64, 64)
+    assert reconstruct(["--ckpt", str(tmp_path), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o2")]) == 2
