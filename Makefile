@@ -43,8 +43,13 @@ demo: install shapes
 shapes: install
 	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n-val 500 --level demo
 
-stage1 stage2 stage3 eval:
-	@echo "make $@: not implemented yet (lands with its issue: stage1 #3, stage2 #4, eval #5, stage3 #6)" >&2; exit 2
+# Stage 1 (tokenizer) on the shapes world, tiny preset, CPU; builds the shards first if absent.
+stage1: install
+	@test -f $(RUNS)/shapes/demo/manifest.json || $(MAKE) shapes
+	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny
+
+stage2 stage3 eval:
+	@echo "make $@: not implemented yet (lands with its issue: stage2 #4, eval #5, stage3 #6)" >&2; exit 2
 
 bench: install
 	$(PY) benchmarks/loader.py

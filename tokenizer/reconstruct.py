@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from data.schema import decode_image
 from data.transforms import center_crop, normalize, to_pil, to_uint8
