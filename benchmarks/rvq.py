@@ -171,7 +171,9 @@ def bench_shape(shape: str, args: argparse.Namespace, tmp: str) -> dict:
     if args.device == "cuda":   # what one step must at least cost on an H200-class device
         flops = 2 * n * k * d * depths                             # the distance GEMMs
         bytes_min = 4 * depths * (2 * n * d + 3 * k * d + 2 * k)   # residual r/w, codebook + EMA state, sizes
-        result["floor"] = {"gemm_gflop": flops / 1e9, "min_bytes_mb": bytes_min / 1e6}
+        dist_bytes = 4 * 4 * n * k * depths                         # write, addmm read+write, argmin read
+        result["floor"] = {"gemm_gflop": flops / 1e9, "min_bytes_mb": bytes_min / 1e6,
+                           "distance_buffer_traffic_gb": dist_bytes / 1e9}
     return result
 
 
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                   f"| {r['peak_mib']:.0f} | {mem} |")
         if "floor" in res:
             print(f"floor {res['shape']}: {res['floor']['gemm_gflop']:.0f} GFLOP of distance GEMMs, "
-                  f">= {res['floor']['min_bytes_mb']:.0f} MB of memory traffic")
+                  f">= {res['floor']['min_bytes_mb']:.0f} MB of necessary traffic, "
+                  f"{res['floor']['distance_buffer_traffic_gb']:.0f} GB through the distance buffer")
     wall = time.perf_counter() - t0
     print(f"total {wall:.0f} s")
     out = {"benchmark": "rvq", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

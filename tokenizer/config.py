@@ -66,7 +66,7 @@ class QuantizerConfig:
     """Replace codes whose EMA cluster size falls below dead_threshold by current residuals."""
     dead_threshold: float = 1.0
     """EMA cluster size under which a code counts as dead."""
-    search_memory_mb: int = 256
+    search_memory_mb: int = 64
     """Memory budget of one chunk of the nearest-code distance matrix (the full N x K is never built)."""
 
     def validate(self) -> None:
