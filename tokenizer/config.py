@@ -82,13 +82,13 @@ class QuantizerConfig:
 class PixelDecoderConfig:
     """VQGAN/LlamaGen-style CNN decoder from the f_pix map to pixels."""
 
-    z_channels: int = 64
+    z_channels: int = 32
     """Channels after the 1x1 post-quant conv."""
-    channels: int = 64
+    channels: int = 32
     """Base channel count (ch)."""
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     """Per-level multipliers, highest resolution first; len - 1 upsampling steps (x2 each)."""
-    num_res_blocks: int = 1
+    num_res_blocks: int = 0
     """Residual blocks per level (the decoder uses num_res_blocks + 1, as VQGAN)."""
     attn_lowest: bool = True
     """Self-attention in the mid block and at the lowest resolution."""
