@@ -25,7 +25,8 @@ SMALL = ["--model.pixel_decoder.channels", "16", "--model.pixel_decoder.z_channe
          "--model.pixel_decoder.channel_mult", "1,1,2,2", "--model.quantizer.codebook_size", "64",
          "--model.quantizer.depth_sem", "4", "--model.quantizer.depth_pix", "2",
          "--model.encoder.hidden_size", "32", "--model.teacher.hidden_size", "32",
-         "--model.semantic_decoder.width", "32", "--data.batch_size", "4", "--val.batch_size", "8",
+         "--model.semantic_decoder.width", "32", "--loss.semantic_weight", "0.1",  # the teacher path too
+         "--data.batch_size", "4", "--val.batch_size", "12",  # 12 does not divide max_images
          "--val.max_images", "16", "--val.grid_images", "4", "--train.log_every", "1", "--run.wandb_mode", "disabled"]
 
 
@@ -53,6 +54,7 @@ def test_stage1_in_process_artefacts_and_exact_resume(shapes, tmp_path):
     full = tmp_path / "full"
     final = stage1.main(args(shapes, full, 4, "--train.save_every", "2", "--train.eval_every", "2"))
     assert 0 < final["val/psnr"] < 60 and 0 <= final["val/ssim"] <= 1 and 0 <= final["val/shapes_accept"] <= 1
+    assert final["val/images"] == 16  # --val.max_images, not a whole batch more
     assert [s for s, _ in list_checkpoints(full / "checkpoints")] == [2, 4]
     ckpt = latest_checkpoint(full / "checkpoints")
     assert {p.name for p in ckpt.iterdir()} == {"meta.json", "tokenizer", "rank_00000.pt"}
@@ -60,7 +62,7 @@ def test_stage1_in_process_artefacts_and_exact_resume(shapes, tmp_path):
     assert meta["step"] == 4 and meta["model_config"]["quantizer"]["depth_sem"] == 4
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in rows for k in r}
-    assert {"train/loss/rec", "train/loss/commit", "train/codebook/usage_d1", "train/codebook/perplexity_d4",
+    assert {"train/loss/rec", "train/loss/commit", "train/loss/semantic", "train/codebook/usage_d1", "train/codebook/perplexity_d4",
             "train/codebook/restarts", "train/grad_norm_tokenizer", "train/lr_tokenizer", "perf/images_per_s",
             "perf/data_time_frac", "perf/peak_mem_gb", "val/psnr", "val/ssim", "val/shapes_accept"} <= logged
     assert list((full / "images").glob("val_reconstructions_*.png"))

@@ -117,3 +117,16 @@ def test_deepspeed_two_ranks_zero2_resume_exact(tmp_path, shards):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= zero
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+
+
+def test_wandb_offline_run_is_written(tmp_path, shards, monkeypatch):
+    """A real W&B run in offline mode (no network): the run directory and its history file exist."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    a = args(out, shards, 2)
+    a[a.index("--run.wandb_mode") + 1] = "offline"
+    toy_stage.main(a)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

@@ -230,13 +230,14 @@ class Stage1Task(Task):
         per_rank = max(1, self.cfg.val.max_images // self.dist.world_size)
         sums = {"n": 0.0, "psnr": 0.0, "ssim": 0.0, "shapes_n": 0.0, "shapes_ok": 0.0}
         for batch in self._val_loader():
-            x = normalize(batch["image"].to(self.device))
+            keep = int(per_rank - sums["n"])  # never more than max_images over all ranks
+            x = normalize(batch["image"][:keep].to(self.device))
             rec = self._reconstruct(x)
             a, b = (x + 1) / 2, (rec.float().clamp(-1, 1) + 1) / 2  # [0, 1]
             sums["n"] += len(x)
             sums["psnr"] += float(psnr(b, a).clamp(max=100).sum())
             sums["ssim"] += float(ssim(b, a).sum())
-            for img, meta in zip(_to_uint8(rec), batch["json"]):
+            for img, meta in zip(_to_uint8(rec), batch["json"][:keep]):
                 if "objects" in meta:  # a shapes-world record: is the reconstruction still the same scene?
                     sums["shapes_n"] += 1
                     sums["shapes_ok"] += float(agrees(img, meta)[0])
