@@ -235,3 +235,14 @@ def test_data_parallel_buffers_are_bit_identical(tmp_path):
     assert r0["later_restarts"] > 0 and (r0["state"]["restarts_total"] > 0).all()
     first = copy.deepcopy(r0["state"]["codebook"][0]).mean(1)  # restarts drew from both ranks' residuals
     assert (first > 1.0).any() and (first < -1.0).any()
+
+
+def test_dtype_casts_keep_the_ema_state_float32():
+    """A bf16 engine casts the whole module; the codebooks and EMA sums must stay exact float32."""
+    q = ResidualQuantizer(QuantizerConfig(codebook_size=16, dim=4, depth_sem=3, depth_pix=2))
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    q.bfloat16()
+    for n, b in q.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    out = q.train()(torch.randn(2, 3, 3, 4, dtype=torch.bfloat16, requires_grad=True))
+    assert out.z_q_pix.dtype == torch.bfloat16 and q.codebook.dtype == torch.float32

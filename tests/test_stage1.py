@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import stage1  # launch/ and tests/assets/ are on pytest's pythonpath
 import torch
+from conftest import deepspeed_launch
 
 from data.shapes_cli import DatasetConfig, write_dataset
 from tokenizer.model import EvoTokenizer
 from unimllm.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-import stage1  # noqa: E402
 
 # The tiny preset shrunk further so a step takes well under a second on a shared 2-core CPU.
 SMALL = ["--model.pixel_decoder.channels", "16", "--model.pixel_decoder.z_channels", "16",
@@ -79,15 +75,10 @@ def test_stage1_in_process_artefacts_and_exact_resume(shapes, tmp_path):
 
 @pytest.mark.slow
 def test_stage1_deepspeed_two_ranks_zero2_resume_exact(shapes, tmp_path):
-    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    assert ds
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    script = ROOT / "launch/stage1.py"
 
     def launch(out: Path, steps: int, port: int) -> None:
-        cmd = [ds, "--num_accelerators", "2", "--master_port", str(port), str(ROOT / "launch/stage1.py"),
-               *args(shapes, out, steps, "--train.zero_stage", "2")]
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        deepspeed_launch(script, args(shapes, out, steps, "--train.zero_stage", "2"), port)
 
     launch(tmp_path / "full", 4, 29621)
     launch(tmp_path / "part", 2, 29622)

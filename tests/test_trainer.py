@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import toy_stage  # launch/ and tests/assets/ are on pytest's pythonpath
+from conftest import deepspeed_launch
 from PIL import Image
 
 from data.schema import make_sample
@@ -19,8 +17,6 @@ from unimllm.checkpoint import latest_checkpoint, list_checkpoints
 from unimllm.trainer import ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "assets"))
-import toy_stage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +93,10 @@ def test_schedule_shapes():
 @pytest.mark.slow
 def test_deepspeed_two_ranks_zero2_resume_exact(tmp_path, shards):
     """`deepspeed --num_accelerators 2` with ZeRO-2: 6 steps == 3 steps + resume + 3 steps, bitwise."""
-    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    assert ds, "the deepspeed launcher is not installed next to this python"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    script = ROOT / "tests/assets/toy_stage.py"
 
     def launch(out: Path, steps: int, port: int) -> None:
-        cmd = [ds, "--num_accelerators", "2", "--master_port", str(port), str(ROOT / "tests/assets/toy_stage.py"),
-               *args(out, shards, steps, "--train.zero_stage", "2")]
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        deepspeed_launch(script, args(out, shards, steps, "--train.zero_stage", "2"), port, timeout=300)
 
     launch(tmp_path / "full", 6, 29611)
     launch(tmp_path / "part", 3, 29612)

@@ -170,6 +170,17 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; dtype casts (``.bfloat16()``, DeepSpeed bf16/fp16 engines) never reach the
+        float32 EMA state: a bf16 codebook would round every EMA update away."""
+        keep = {n: b for n, b in self.named_buffers(recurse=False) if b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantise z (..., D); EMA/restart updates when training with grad enabled."""
         cfg = self.cfg
