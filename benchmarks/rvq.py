@@ -158,11 +158,11 @@ def bench_shape(shape: str, args: argparse.Namespace, tmp: str) -> dict:
         r = run_child(shape, impl, mb, args, f"{tmp}/{shape}-{name}.pt")
         mem = r["cuda_peak_mib"] if args.device == "cuda" else r["maxrss_mib"] - inputs["maxrss_mib"]
         rows[name] = {**r, "peak_mib": mem}
-    ref_codes = torch.load(f"{tmp}/{shape}-full.pt")
+    ref_codes = torch.load(f"{tmp}/{shape}-full.pt", weights_only=True)
     full = rows["full"]
     for name, _, _ in impls[1:]:
         row = rows[name]
-        row["codes_identical"] = bool(torch.equal(torch.load(f"{tmp}/{shape}-{name}.pt"), ref_codes))
+        row["codes_identical"] = bool(torch.equal(torch.load(f"{tmp}/{shape}-{name}.pt", weights_only=True), ref_codes))
         row["speedup_vs_full"] = full["step_s"] / row["step_s"]
         row["cpu_time_ratio_full_over_ours"] = full["step_cpu_s"] / row["step_cpu_s"]
         row["peak_memory_ratio_full_over_ours"] = full["peak_mib"] / row["peak_mib"]

@@ -228,7 +228,7 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_data_parallel_buffers_are_bit_identical(tmp_path):
     mp.spawn(_dp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for k in BUFFERS:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert int(r0["state"]["step"]) == 6
