@@ -70,10 +70,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return normalize(to_uint8(img))
 
 
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """The inverse of :func:`normalize`: float (..., 3, H, W) in [-1, 1] -> uint8 array (..., H, W, 3)
+    (clamped, rounded), e.g. for saving or scoring model outputs."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (..., 3, H, W)
+    return arr.movedim(-3, -1).cpu().numpy()
+
+
 def to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> RGB PIL image (clamped, rounded)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
-    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+    return Image.fromarray(denormalize(x))
 
 
 class ImageTransform:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data.config import DataConfig, ImageConfig, SourceConfig
 from data.loader import StreamingLoader
-from data.transforms import normalize
+from data.transforms import denormalize, normalize
 from eval.metrics import psnr, ssim
 from tokenizer.config import TokenizerConfig, preset
 from tokenizer.losses import TokenizerLoss
@@ -111,11 +111,6 @@ class Stage1Config:
 def model_presets(name: str) -> dict:
     """Defaults layer for ``model_preset`` (used by ``parse_cli``)."""
     return {"model": to_dict(preset(name))}
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Stage1Task(Task):
@@ -237,7 +232,7 @@ class Stage1Task(Task):
             sums["n"] += len(x)
             sums["psnr"] += float(psnr(b, a).clamp(max=100).sum())
             sums["ssim"] += float(ssim(b, a).sum())
-            for img, meta in zip(_to_uint8(rec), batch["json"][:keep]):
+            for img, meta in zip(denormalize(rec), batch["json"][:keep]):
                 if "objects" in meta:  # a shapes-world record: is the reconstruction still the same scene?
                     sums["shapes_n"] += 1
                     sums["shapes_ok"] += float(agrees(img, meta)[0])
@@ -259,7 +254,7 @@ class Stage1Task(Task):
         self.model.eval()
         rec = self._reconstruct(x)
         self.model.train()
-        top, bottom = np.concatenate(list(_to_uint8(x)), 1), np.concatenate(list(_to_uint8(rec)), 1)
+        top, bottom = np.concatenate(list(denormalize(x)), 1), np.concatenate(list(denormalize(rec)), 1)
         return {"val/reconstructions": Image.fromarray(np.concatenate([top, bottom], 0))}
 
     def export(self, engines: dict[str, Any], out_dir: Path) -> None:
