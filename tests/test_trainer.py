@@ -121,3 +121,30 @@ def test_wandb_offline_run_is_written(tmp_path, shards, monkeypatch):
     toy_stage.main(a)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_engine_clips_only_as_configured_and_logs_the_pre_clip_norm(clip):
+    """DeepSpeed's own default is gradient_clipping 1.0: grad_clip 0 must mean no clipping, and the logged
+    norm must be the norm before clipping (a regression: it used to read 1.0 after DeepSpeed clipped)."""
+    import torch
+
+    from unimllm.distributed import build_engine, deepspeed_config, grad_norm, init_distributed
+
+    init_distributed("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = build_engine(model, opt, deepspeed_config(micro_batch=8, grad_accum=1, zero_stage=0, precision="fp32",
+                                                       grad_clip=clip))
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.backward(engine(torch.randn(8, 4) * 100).pow(2).mean())
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    assert norm > 10
+    engine.step()
+    scale = min(1.0, clip / norm) if clip else 1.0
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - scale * g)
+    if clip:
+        assert grad_norm(engine) == pytest.approx(norm, rel=1e-5)

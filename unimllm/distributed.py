@@ -71,11 +71,14 @@ def barrier() -> None:
 
 
 def all_reduce_sums(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum scalar metrics over ranks (no-op for a world of one)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+    """Sum scalar metrics over ranks (no-op for a world of one). Collective: every rank calls it, and ranks
+    may hold different keys (a key missing on a rank counts as 0 there)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
         return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    keys = sorted(set().union(*gather_objects(sorted(values))))
+    if not keys:
+        return {}
+    t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -106,9 +109,8 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, prec
         "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
+        "gradient_clipping": float(grad_clip),  # always explicit: DeepSpeed's default is 1.0, not off
     }
-    if grad_clip > 0:
-        cfg["gradient_clipping"] = grad_clip
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -151,7 +153,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     plain = ds_config["zero_optimization"]["stage"] == 0 and "bf16" not in ds_config and "fp16" not in ds_config
     clip = ds_config.get("gradient_clipping", 0)
     if plain and clip > 0:
-        ds_config = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
+        ds_config = {**ds_config, "gradient_clipping": 0.0}  # DeepSpeed must not clip first (the norm would be post-clip)
         _clip_in_step(optimizer, clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

@@ -277,6 +277,7 @@ class Trainer:
         assert self.logger is not None
         batches = task.train_batches()
         sums: dict[str, float] = defaultdict(float)
+        seen: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         n_metric, t_data, flops = 0, 0.0, 0.0
         t_window = time.perf_counter()
@@ -290,6 +291,7 @@ class Trainer:
                 t_data += time.perf_counter() - t0
                 for k, v in task.micro_step(self.engines, batch, self.step).items():
                     sums[k] += float(v)
+                    seen[k] += 1  # a metric may be absent from some micro-steps (e.g. no generation sample)
                 for k, v in task.count(batch).items():
                     counts[k] += v
                 flops += task.flops_per_step(batch)
@@ -298,8 +300,8 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 dt = time.perf_counter() - t_window
-                last = self._log_window(sums, counts, n_metric, t_data, flops, dt, lr_factor)
-                sums, counts = defaultdict(float), defaultdict(float)
+                last = self._log_window(sums, seen, counts, n_metric, t_data, flops, dt, lr_factor)
+                sums, seen, counts = defaultdict(float), defaultdict(float), defaultdict(float)
                 n_metric, t_data, flops, t_window = 0, 0.0, 0.0, time.perf_counter()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._evaluate()
@@ -315,18 +317,19 @@ class Trainer:
         self.logger.close()
         return final
 
-    def _log_window(self, sums, counts, n, t_data, flops, dt, lr_factor) -> dict[str, float]:
-        local = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+    def _log_window(self, sums, seen, counts, n, t_data, flops, dt, lr_factor) -> dict[str, float]:
+        local = {f"train/{k}": v for k, v in sums.items()}
+        local.update({f"seen/{k}": v for k, v in seen.items()})
         local.update({f"count/{k}": v for k, v in counts.items()})
         local["perf/flops"] = flops
-        tot = all_reduce_sums(local)
-        world = self.dist.world_size
-        metrics = {k: v / world for k, v in tot.items() if k.startswith("train/")}
-        for k in counts:
-            metrics[f"perf/{k}_per_s"] = tot[f"count/{k}"] / dt
+        tot = all_reduce_sums(local)  # each metric: the mean over the micro-steps (all ranks) that reported it
+        metrics = {k: v / tot[f"seen/{k[6:]}"] for k, v in tot.items() if k.startswith("train/")}
+        counts = {k[6:]: v for k, v in tot.items() if k.startswith("count/")}
+        for k, v in counts.items():
+            metrics[f"perf/{k}_per_s"] = v / dt
         peak = _peak_tflops(self.cfg, self.dist.device)
         if peak and tot["perf/flops"]:
-            metrics["perf/mfu"] = tot["perf/flops"] / dt / (peak * 1e12 * world)
+            metrics["perf/mfu"] = tot["perf/flops"] / dt / (peak * 1e12 * self.dist.world_size)
         metrics["perf/data_time_frac"] = t_data / max(dt, 1e-9)
         metrics["perf/peak_mem_gb"] = _peak_memory_gb(self.dist.device)
         metrics["perf/step_s"] = dt / max(1, n / self.cfg.grad_accum)

@@ -1,0 +1,147 @@
+"""Conversations -> token ids, next-token targets and image slots, through the text tokenizer's chat template.
+
+A conversation is LLaVA-style ``[{"from": "human"|"gpt"|"system", "value": str}, ...]`` with ``<image>``
+where the image stands:
+  * in a human turn: an **understanding** image. ``<image>`` expands to N slots (kind 1) whose embeddings
+    the model replaces with projected semantic-decoder features;
+  * in a gpt turn: a **generation** image, rendered ``<im_start><image><im_end>``; ``<image>`` expands to N
+    slots (kind 2) whose embeddings are gen_projector(sum of that position's L_pix code embeddings).
+
+Targets are aligned to inputs: ``targets[t]`` is the token position t must predict (``ids[t + 1]``) when
+that token belongs to an assistant reply (text, ``<im_start>``, ``<im_end>``, the end-of-turn token), else
+-100. Prompts (system, user, assistant headers) and image slots are never text targets; the codes of
+generation slot t + 1 are predicted from position t by the depth transformer.
+
+Turns are located by rendering the chat template on growing prefixes of the conversation, so any HF
+template that renders prefixes as prefixes (Qwen2.5, Llama-3, the tiny template) works; one that does
+not is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.schema import SampleError
+from llm.text_tokenizer import IM_END, IM_START, IMAGE_TOKEN
+
+IGNORE = -100
+TEXT, UND, GEN = 0, 1, 2
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+TOO_LONG, BAD_CONVERSATION = "too_long", "bad_conversation"
+
+
+@dataclass
+class Encoded:
+    """One training sequence."""
+
+    input_ids: np.ndarray
+    """(T,) int64 token ids (image slots hold the ``<image>`` id)."""
+    targets: np.ndarray
+    """(T,) int64 next-token targets, IGNORE where position t has no text target."""
+    kind: np.ndarray
+    """(T,) int8: TEXT, UND (understanding slot) or GEN (generation slot)."""
+
+    @property
+    def direction(self) -> str:
+        return "generation" if (self.kind == GEN).any() else "understanding"
+
+
+def to_messages(conversation: list[dict]) -> list[dict]:
+    """LLaVA ``from``/``value`` turns -> chat-template ``role``/``content`` messages (generation turns wrapped)."""
+    if not isinstance(conversation, list) or not conversation:
+        raise SampleError(BAD_CONVERSATION, "conversations must be a non-empty list")
+    out = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise SampleError(BAD_CONVERSATION, f"turn {i}: need from in {sorted(ROLES)} and a string value")
+        role, text = ROLES[turn["from"]], turn["value"]
+        if role == "assistant":
+            text = text.replace(IMAGE_TOKEN, IM_START + IMAGE_TOKEN + IM_END)
+        out.append({"role": role, "content": text})
+    if out[-1]["role"] != "assistant":
+        raise SampleError(BAD_CONVERSATION, "the last turn must be the assistant's")
+    return out
+
+
+class ConversationEncoder:
+    """Encode conversations for one text tokenizer and image size (N positions per image)."""
+
+    def __init__(self, text_tokenizer, image_positions: int, max_length: int = 2048):
+        self.tok, self.n, self.max_length = text_tokenizer, image_positions, max_length
+        self.image_id = text_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.im_start_id = text_tokenizer.convert_tokens_to_ids(IM_START)
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """(text, is_assistant_reply) pieces whose concatenation is the rendered conversation."""
+        out, prev = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], generation_prompt=True) if i else ""
+                full = self._render(messages[: i + 1])
+                if not head.startswith(prev) or not full.startswith(head):
+                    raise ValueError("the chat template does not render conversation prefixes as prefixes")
+                out += [(head[len(prev):], False), (full[len(head):], True)]
+            else:
+                full = self._render(messages[: i + 1])
+                if not full.startswith(prev):
+                    raise ValueError("the chat template does not render conversation prefixes as prefixes")
+                out.append((full[len(prev):], False))
+            prev = full
+        return [(s, a) for s, a in out if s]
+
+    def encode(self, conversation: list[dict]) -> Encoded:
+        """Token ids, targets and slot kinds; SampleError(too_long) if the cut would fall in or before an image."""
+        ids, labeled, kind = [], [], []
+        n_images = 0
+        for text, reply in self.segments(to_messages(conversation)):
+            for t in self._ids(text):
+                if t == self.image_id:
+                    n_images += 1
+                    ids += [t] * self.n
+                    labeled += [False] * self.n
+                    kind += [GEN if reply else UND] * self.n
+                else:
+                    ids.append(t)
+                    labeled.append(reply)
+                    kind.append(TEXT)
+        if n_images != 1:
+            raise SampleError(BAD_CONVERSATION, f"expected exactly one {IMAGE_TOKEN} (one image per sample), "
+                                                f"got {n_images}")
+        ids_a, kind_a = np.asarray(ids, np.int64), np.asarray(kind, np.int8)
+        targets = np.full(len(ids), IGNORE, np.int64)
+        lab = np.asarray(labeled, bool)
+        targets[:-1][lab[1:]] = ids_a[1:][lab[1:]]
+        if len(ids) > self.max_length:
+            last_slot = int(np.flatnonzero(kind_a != TEXT)[-1])
+            if last_slot >= self.max_length:
+                raise SampleError(TOO_LONG, f"{len(ids)} tokens > max_length {self.max_length} and the cut would "
+                                            "fall inside an image")
+            ids_a, targets, kind_a = ids_a[: self.max_length], targets[: self.max_length], kind_a[: self.max_length]
+            targets[-1] = IGNORE  # its target was cut
+        if not (targets != IGNORE).any() and not (kind_a == GEN).any():
+            raise SampleError(BAD_CONVERSATION, "nothing to learn: no assistant text and no generated image")
+        return Encoded(ids_a, targets, kind_a)
+
+    # ------------------------------------------------------------------ inference prompts
+    def generation_prompt(self, prompt: str) -> list[int]:
+        """Ids of ``user: prompt`` + the assistant header + ``<im_start>``: the LLM continues with positions."""
+        text = self._render([{"role": "user", "content": prompt}], generation_prompt=True)
+        return self._ids(text) + [self.im_start_id]
+
+    def understanding_prompt(self, question: str) -> tuple[list[int], np.ndarray]:
+        """Ids and kinds of ``user: <image>\\nquestion`` + the assistant header (image slots expanded)."""
+        q = question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
+        ids, kind = [], []
+        for t in self._ids(self._render([{"role": "user", "content": q}], generation_prompt=True)):
+            n = self.n if t == self.image_id else 1
+            ids += [t] * n
+            kind += [UND if t == self.image_id else TEXT] * n
+        return ids, np.asarray(kind, np.int8)

@@ -1,0 +1,296 @@
+"""The unified model: one Hugging Face causal LM that reads images (understanding) and writes them (generation).
+
+Understanding: semantic-decoder features (B, N, C) -> ``und_projector`` (2-layer GELU MLP) -> spliced into
+the embeddings at the ``<image>`` slots of a user turn.
+Generation: at the slots of ``<im_start> ... <im_end>`` the input is ``gen_projector(sum_d e_d(k_d))`` of that
+position's L_pix codes; the LLM's hidden state at the slot before predicts them through the depth
+transformer. Loss = text_weight * text CE (assistant tokens) + image_weight * code CE (positions x depths).
+
+The frozen tokenizer stays outside this module (so ZeRO never partitions it); its first L_pix codebooks are
+copied in as a buffer because both projector input and depth-transformer input are code vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.config import LLMConfig, UnifiedConfig
+from llm.conversation import GEN, IGNORE, UND
+from llm.depth import DepthTransformer
+from llm.text_tokenizer import IM_END, IM_START, IMAGE_SPECIALS, IMAGE_TOKEN
+from unimllm.config import from_dict, to_dict
+
+CONFIG_NAME, HEADS_NAME, LLM_DIR, TEXT_TOKENIZER_DIR = "unified_config.json", "heads.safetensors", "llm", "text_tokenizer"
+FORMAT = "unimllm-unified-v1"
+
+
+class Projector(nn.Module):
+    """LLaVA ``mlp2x_gelu``: Linear(in -> hidden) -> GELU -> Linear(hidden -> out)."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def attn_implementation(cfg: LLMConfig, device: torch.device | str | None = None) -> str:
+    """``auto``: flash_attention_2 when the package is installed and we run on CUDA, else SDPA."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int, *, field: str = "model.llm", dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None):
+    """A local pretrained causal LM, or a random-init one of ``cfg.arch`` with ``vocab_size`` rows."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    attn = attn_implementation(cfg, device)
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{field}.pretrained: {path} is not a local Hugging Face model directory "
+                                    "(no config.json); download it first, nothing is fetched at run time")
+        return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=dtype,
+                                                    trust_remote_code=cfg.trust_remote_code)
+    kw = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+              tie_word_embeddings=True)
+    hf_cfg = Qwen2Config(**kw) if cfg.arch == "qwen2" else LlamaConfig(**kw)
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
+    return model.to(dtype) if dtype is not None else model
+
+
+@dataclasses.dataclass
+class Dims:
+    """Sizes the heads are built with (from the tokenizer and the text tokenizer)."""
+
+    sem_dim: int
+    """Semantic-decoder feature width C."""
+    code_dim: int
+    """Code vector width D."""
+    depth_pix: int
+    """L_pix: codes generated per position."""
+    codebook_size: int
+    """K."""
+    grid: int
+    """Image positions per side (N = grid**2)."""
+    token_ids: dict
+    """``<image>``, ``<im_start>``, ``<im_end>``, pad and eos ids."""
+    new_token_ids: list
+    """Rows of the embedding that train with a frozen LLM (the image special tokens)."""
+
+
+class UnifiedModel(nn.Module):
+    """Pure nn.Module: ``llm`` (HF causal LM), ``und_projector``, ``gen_projector``, ``depth``, ``codebooks``."""
+
+    def __init__(self, cfg: UnifiedConfig, llm: nn.Module, dims: Dims):
+        super().__init__()
+        self.cfg, self.dims, self.llm = cfg, dims, llm
+        H = llm.config.hidden_size
+        hid = cfg.projector_hidden or H
+        self.und_projector = Projector(dims.sem_dim, hid, H)
+        self.gen_projector = Projector(dims.code_dim, hid, H)
+        self.depth = DepthTransformer(cfg.depth, H, dims.code_dim, dims.depth_pix, dims.codebook_size)
+        self.register_buffer("codebooks", torch.zeros(dims.depth_pix, dims.codebook_size, dims.code_dim))  # (L, K, D)
+        self._row_mask_hooks: list = []
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply; dtype casts (bf16 engines) leave the codebooks float32, as the tokenizer's."""
+        keep = self.codebooks
+        super()._apply(fn, recurse)
+        if self.codebooks.dtype != keep.dtype:
+            self.codebooks = keep.to(device=self.codebooks.device)
+        return self
+
+    @property
+    def image_positions(self) -> int:
+        return self.dims.grid ** 2
+
+    # ------------------------------------------------------------------ trainable parts
+    def configure_trainable(self) -> list[dict]:
+        """Freeze per config; returns optimizer param groups (embedding rows: no weight decay)."""
+        for h in self._row_mask_hooks:
+            h.remove()
+        self._row_mask_hooks = []
+        heads = [p for n, p in self.named_parameters() if not n.startswith("llm.")]
+        for p in heads:
+            p.requires_grad_(True)
+        if not self.cfg.freeze_llm:
+            self.llm.requires_grad_(True)
+            return [{"params": heads}, {"params": [p for p in self.llm.parameters()]}]
+        self.llm.requires_grad_(False)
+        rows = torch.tensor(self.dims.new_token_ids, dtype=torch.long)
+        emb = {id(p): p for p in (self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight)}
+        for p in emb.values():  # only the new tokens' rows learn: a gradient mask on the shared matrix
+            p.requires_grad_(True)
+            mask = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+            mask[rows] = 1
+            self._row_mask_hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+        return [{"params": heads}, {"params": list(emb.values()), "weight_decay": 0.0}]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm.config.use_cache = False
+
+    # ------------------------------------------------------------------ pieces
+    def code_vectors(self, codes: Tensor) -> Tensor:
+        """codes (..., L) -> per-depth code vectors (..., L, D) from the frozen codebooks (float32)."""
+        return torch.stack([self.codebooks[d][codes[..., d]] for d in range(codes.shape[-1])], -2)
+
+    def gen_inputs(self, codes: Tensor) -> Tensor:
+        """codes (..., L_pix) -> LLM inputs (..., H): gen_projector of the summed code vectors."""
+        f = self.code_vectors(codes).sum(-2)  # (..., D)
+        return self.gen_projector(f.to(self.gen_projector.net[0].weight.dtype))
+
+    def embed(self, input_ids: Tensor, kind: Tensor, und_feats: Tensor | None = None,
+              gen_codes: Tensor | None = None) -> Tensor:
+        """Token embeddings (B, T, H) with UND slots <- und_projector(und_feats (n_u, N, C)) and GEN slots
+        <- gen_inputs(gen_codes (n_g, N, L)), both in row-major slot order."""
+        emb = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
+        if und_feats is not None and und_feats.numel():
+            x = self.und_projector(und_feats.to(emb.dtype)).reshape(-1, emb.shape[-1])  # (n_u * N, H)
+            emb = emb.masked_scatter((kind == UND).unsqueeze(-1), x.to(emb.dtype))
+        if gen_codes is not None and gen_codes.numel():
+            x = self.gen_inputs(gen_codes).reshape(-1, emb.shape[-1])  # (n_g * N, H)
+            emb = emb.masked_scatter((kind == GEN).unsqueeze(-1), x.to(emb.dtype))
+        return emb
+
+    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor, **kw):
+        """The LLM body (no LM head): BaseModelOutputWithPast with last_hidden_state (B, T, H)."""
+        return self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
+
+    def depth_logits(self, h: Tensor, codes: Tensor) -> Tensor:
+        """Teacher forcing: h (M, H) the states before M generation slots, codes (M, L) -> logits (M, L, K)."""
+        cum = self.code_vectors(codes).cumsum(-2)[:, :-1]  # (M, L-1, D): e1, e1+e2, ...
+        return self.depth(h, cum.to(h.dtype))
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor, kind: Tensor,
+                und_feats: Tensor | None = None, gen_codes: Tensor | None = None) -> dict[str, Tensor]:
+        """One batch (see llm.conversation): input_ids/targets/kind/attention_mask (B, T); und_feats
+        (n_u, N, C); gen_codes (n_g, N, L_pix). Returns loss and its parts (tensors)."""
+        emb = self.embed(input_ids, kind, und_feats, gen_codes)
+        h = self.hidden_states(emb, attention_mask).last_hidden_state  # (B, T, H)
+        out: dict[str, Tensor] = {}
+        loss = h.new_zeros((), dtype=torch.float32)
+        sel = targets != IGNORE  # (B, T)
+        if sel.any():
+            logits = self.llm.get_output_embeddings()(h[sel])  # (n_text, V)
+            out["text_loss"] = F.cross_entropy(logits.float(), targets[sel])
+            out["text_acc"] = (logits.argmax(-1) == targets[sel]).float().mean()
+            loss = loss + self.cfg.text_weight * out["text_loss"]
+        src = torch.zeros_like(sel)
+        src[:, :-1] = kind[:, 1:] == GEN  # states right before each generation slot
+        if gen_codes is not None and gen_codes.numel():
+            codes = gen_codes.reshape(-1, gen_codes.shape[-1])  # (M, L)
+            logits = self.depth_logits(h[src], codes)  # (M, L, K)
+            out["image_loss"] = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+            out["image_acc"] = (logits.argmax(-1) == codes).float().mean()
+            loss = loss + self.cfg.image_weight * out["image_loss"]
+        else:  # keep every trainable parameter in the graph (DeepSpeed reduces all gradients every step)
+            loss = loss + 0.0 * sum(p.sum() for p in (*self.depth.parameters(), *self.gen_projector.parameters()))
+        if und_feats is None or not und_feats.numel():
+            loss = loss + 0.0 * sum(p.sum() for p in self.und_projector.parameters())
+        out["loss"] = loss
+        out["text_tokens"] = sel.sum()
+        out["image_codes"] = src.sum() * self.dims.depth_pix
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, *, tokenizer_ref: dict, text_tokenizer=None) -> Path:
+        """``llm/`` (HF save_pretrained), ``heads.safetensors``, ``unified_config.json`` (config, sizes, sampler
+        defaults, tokenizer reference) and ``text_tokenizer/`` when given."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.llm.save_pretrained(str(out / LLM_DIR), safe_serialization=True)
+        heads = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        save_file(heads, str(out / (HEADS_NAME + ".tmp")), metadata={"format": FORMAT})
+        (out / (HEADS_NAME + ".tmp")).replace(out / HEADS_NAME)
+        if text_tokenizer is not None:
+            text_tokenizer.save_pretrained(str(out / TEXT_TOKENIZER_DIR))
+        meta = {"format": FORMAT, "model": to_dict(self.cfg), "dims": dataclasses.asdict(self.dims),
+                "tokenizer": tokenizer_ref}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, cfg: UnifiedConfig | None = None) -> UnifiedModel:
+        """Rebuild a ``save_pretrained`` directory (safetensors only; the LLM through AutoModelForCausalLM).
+        ``cfg`` replaces the saved config (e.g. stage 3 unfreezing the LLM); sizes always come from the save."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        src = Path(directory)
+        meta = read_meta(src)
+        saved = from_dict(UnifiedConfig, meta["model"], source=str(src / CONFIG_NAME))
+        cfg = cfg or saved
+        llm = AutoModelForCausalLM.from_pretrained(str(src / LLM_DIR), dtype=dtype,
+                                                   attn_implementation=attn_implementation(cfg.llm, device),
+                                                   trust_remote_code=cfg.llm.trust_remote_code)
+        model = cls(dataclasses.replace(cfg, depth=saved.depth, projector_hidden=saved.projector_hidden), llm,
+                    Dims(**meta["dims"]))
+        state = load_file(str(src / HEADS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise ValueError(f"{src / HEADS_NAME}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        model = model.to(device)
+        return model.to(dtype) if dtype is not None else model
+
+
+def read_meta(directory: Path) -> dict:
+    """``unified_config.json`` of an export, with a clear error when it is not one."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a unified-model export directory)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def build_unified(cfg: UnifiedConfig, text_tokenizer, added_tokens: list[str], tokenizer, *,
+                  field: str = "model", dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> UnifiedModel:
+    """A fresh unified model: the LLM (pretrained or random), its vocabulary grown for the image special
+    tokens (new rows initialised to the mean of the old ones), heads sized from the frozen ``tokenizer``
+    (an EvoTokenizer), and its first L_pix codebooks copied in."""
+    llm = build_llm(cfg.llm, len(text_tokenizer), field=f"{field}.llm", dtype=dtype, device=device)
+    ids = {t: text_tokenizer.convert_tokens_to_ids(t) for t in IMAGE_SPECIALS}
+    emb = llm.get_input_embeddings().weight
+    if len(text_tokenizer) > emb.shape[0]:
+        llm.resize_token_embeddings(len(text_tokenizer), mean_resizing=False)
+    if cfg.llm.pretrained and added_tokens:
+        n_old = len(text_tokenizer) - len(added_tokens)
+        with torch.no_grad():
+            for w in {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+                mean = w[:n_old].float().mean(0)
+                for t in added_tokens:
+                    w[ids[t]] = mean.to(w.dtype)
+    q = tokenizer.cfg.quantizer
+    dims = Dims(sem_dim=tokenizer.semantic_decoder.head[-1].out_features, code_dim=q.dim, depth_pix=q.depth_pix,
+                codebook_size=q.codebook_size, grid=tokenizer.encoder.grid_size,
+                token_ids={"image": ids[IMAGE_TOKEN], "im_start": ids[IM_START], "im_end": ids[IM_END],
+                           "pad": text_tokenizer.pad_token_id, "eos": text_tokenizer.eos_token_id},
+                new_token_ids=sorted(ids.values()))
+    model = UnifiedModel(cfg, llm, dims)
+    if dtype is not None:
+        model.to(dtype)
+    with torch.no_grad():
+        model.codebooks.copy_(tokenizer.quantizer.codebook[: q.depth_pix])
+    return model

@@ -1,0 +1,190 @@
+"""The unified model on tiny random-init Qwen2 and Llama: label masking, <image> splicing, depth-head teacher
+forcing, cached == uncached sampling, save/load, and what a frozen LLM trains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from data.schema import SampleError
+from llm.config import DepthConfig, LLMConfig, SamplerConfig, UnifiedConfig
+from llm.conversation import GEN, IGNORE, TEXT, UND, ConversationEncoder
+from llm.model import UnifiedModel, build_unified
+from llm.pipeline import UnifiedPipeline, tokenizer_reference
+from llm.text_tokenizer import train_text_tokenizer
+from tokenizer.config import PixelDecoderConfig, QuantizerConfig, TokenizerConfig, VisionTowerConfig
+from tokenizer.model import EvoTokenizer
+
+TEXTS = ["a photo of a red circle", "Is the square blue? Please answer yes or no.", "Yes", "No",
+         "Two objects: a square and a triangle.", "Describe the image.", "a photo of three green squares"] * 20
+UND_CONV = [{"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nIs the square blue? Please answer yes or no."},
+            {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "Describe the image."},
+            {"from": "gpt", "value": "Two objects: a square and a triangle."}]
+GEN_CONV = [{"from": "human", "value": "a photo of a red circle"}, {"from": "gpt", "value": "<image>"}]
+
+
+@pytest.fixture(scope="module")
+def evo():
+    torch.manual_seed(0)
+    tower = VisionTowerConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                              intermediate_size=64)
+    cfg = TokenizerConfig(encoder=tower, teacher=dataclasses.replace(tower),
+                          quantizer=QuantizerConfig(codebook_size=64, depth_sem=6, depth_pix=3),
+                          pixel_decoder=PixelDecoderConfig(channels=16, z_channels=16, channel_mult=(1, 1, 2, 2)))
+    return EvoTokenizer(cfg, with_teacher=False).eval()
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    return train_text_tokenizer(TEXTS, 300)
+
+
+def build(evo, text_tok, arch: str, **kw) -> UnifiedModel:
+    torch.manual_seed(1)
+    cfg = UnifiedConfig(llm=LLMConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      intermediate_size=64),
+                        depth=DepthConfig(layers=2, width=32, heads=4), freeze_llm=False, **kw)
+    return build_unified(cfg, text_tok, [], evo)
+
+
+def batch(model: UnifiedModel, text_tok, evo, convs: list[list[dict]]):
+    enc = ConversationEncoder(text_tok, model.image_positions, 512)
+    es = [enc.encode(c) for c in convs]
+    T = max(len(e.input_ids) for e in es)
+
+    def pad(a, v):
+        return torch.from_numpy(np.stack([np.pad(x, (0, T - len(x)), constant_values=v) for x in a]))
+
+    torch.manual_seed(2)
+    codes = torch.randint(0, 64, (len(es), 4, 4, 6))  # (B, h, w, L_sem)
+    und = [i for i, e in enumerate(es) if e.direction == "understanding"]
+    gen = [i for i, e in enumerate(es) if e.direction == "generation"]
+    return dict(input_ids=pad([e.input_ids for e in es], 0), targets=pad([e.targets for e in es], IGNORE),
+                kind=pad([e.kind for e in es], 0).long(), attention_mask=pad([np.ones(len(e.input_ids)) for e in es], 0).long(),
+                und_feats=evo.semantic_features(codes[und]), gen_codes=codes[gen][..., :3].flatten(1, 2))
+
+
+def test_labels_are_exactly_the_assistant_replies(text_tok):
+    enc = ConversationEncoder(text_tok, image_positions=16, max_length=512)
+    for conv, replies in ((UND_CONV, ["Yes", "Two objects: a square and a triangle."]),
+                          (GEN_CONV, ["<im_start><image><im_end>"])):
+        e = enc.encode(conv)
+        labeled = e.targets[e.targets != IGNORE]
+        want = "".join(r + "<|im_end|>\n" for r in replies).replace("<image>", "")
+        assert text_tok.decode(labeled.tolist()) == want  # nothing from system/user turns or headers
+        nxt = np.flatnonzero(e.targets != IGNORE) + 1  # the positions whose token is a target
+        assert (e.input_ids[nxt] == labeled).all() and (e.kind[nxt] == TEXT).all()
+
+
+def test_image_slots_and_truncation(text_tok):
+    enc = ConversationEncoder(text_tok, image_positions=16, max_length=512)
+    und, gen = enc.encode(UND_CONV), enc.encode(GEN_CONV)
+    u = np.flatnonzero(und.kind == UND)
+    assert len(u) == 16 and (np.diff(u) == 1).all() and not (und.kind == GEN).any()
+    assert text_tok.decode(und.input_ids[: u[0]].tolist()).endswith("<|im_start|>user\n")
+    g = np.flatnonzero(gen.kind == GEN)
+    assert len(g) == 16 and (np.diff(g) == 1).all()
+    ids = text_tok.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+    assert gen.input_ids[g[0] - 1] == ids[0] and gen.input_ids[g[-1] + 1] == ids[1]
+    short = ConversationEncoder(text_tok, image_positions=16, max_length=len(und.input_ids) - 3)
+    cut = short.encode(UND_CONV)  # the cut falls in the last reply: kept, truncated
+    assert len(cut.input_ids) == len(und.input_ids) - 3 and cut.targets[-1] == IGNORE
+    with pytest.raises(SampleError, match="inside an image"):
+        ConversationEncoder(text_tok, image_positions=16, max_length=int(u[-1])).encode(UND_CONV)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_splicing_loss_and_teacher_forcing(evo, text_tok, arch):
+    model = build(evo, text_tok, arch).eval()
+    b = batch(model, text_tok, evo, [UND_CONV, GEN_CONV, GEN_CONV])
+    emb = model.embed(b["input_ids"], b["kind"], b["und_feats"], b["gen_codes"])
+    tok_emb = model.llm.get_input_embeddings()(b["input_ids"])
+    kind = b["kind"]
+    assert torch.equal(emb[kind == TEXT], tok_emb[kind == TEXT])
+    assert torch.allclose(emb[kind == UND], model.und_projector(b["und_feats"]).flatten(0, 1))
+    assert torch.allclose(emb[kind == GEN], model.gen_inputs(b["gen_codes"]).flatten(0, 1))
+
+    out = model(**b)
+    h = model.hidden_states(emb, b["attention_mask"]).last_hidden_state
+    sel = b["targets"] != IGNORE
+    ref = torch.nn.functional.cross_entropy(model.llm.get_output_embeddings()(h[sel]), b["targets"][sel])
+    torch.testing.assert_close(out["text_loss"], ref)
+    assert int(out["image_codes"]) == 2 * 16 * 3
+
+    # depth head: teacher forcing on the states right before each slot, causal over positions and depths
+    src = torch.zeros_like(sel)
+    src[:, :-1] = kind[:, 1:] == GEN
+    assert (b["input_ids"][src][::16] == text_tok.convert_tokens_to_ids("<im_start>")).all()
+    codes = b["gen_codes"].flatten(0, 1)  # (M, L)
+    logits = model.depth_logits(h[src], codes)
+    assert logits.shape == (2 * 16, 3, 64)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    torch.testing.assert_close(out["image_loss"], ref)
+    changed = codes.clone()
+    changed[:, 1:] = (changed[:, 1:] + 1) % 64  # depth >= 1 changes: depth-0 and depth-1 logits must not
+    lc = model.depth_logits(h[src], changed)
+    torch.testing.assert_close(lc[:, :2], logits[:, :2])
+    assert not torch.allclose(lc[:, 2], logits[:, 2])
+    b2 = dict(b, gen_codes=b["gen_codes"].clone())
+    b2["gen_codes"][:, 5] = (b2["gen_codes"][:, 5] + 1) % 64  # position 5 changes: states up to slot 5 must not
+    h2 = model.hidden_states(model.embed(b2["input_ids"], kind, b2["und_feats"], b2["gen_codes"]),
+                             b["attention_mask"]).last_hidden_state
+    g = kind[1] == GEN
+    torch.testing.assert_close(h2[1][g][:5], h[1][g][:5])
+    assert not torch.allclose(h2[1][g][5], h[1][g][5])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_cached_sampling_equals_uncached(evo, text_tok, arch):
+    model = build(evo, text_tok, arch, sampler=SamplerConfig(cfg_scale=2.5, temperature=1.0, top_k=20, top_p=0.9))
+    model = model.double().eval()
+    pipe = UnifiedPipeline(model, evo, text_tok)
+    prompts = ["a photo of a red circle", "a photo of three green squares", ""]
+    cached = pipe.generate_codes(prompts, seed=3, batch=2, cache=True)
+    assert cached.shape == (3, 4, 4, 3)
+    assert torch.equal(cached, pipe.generate_codes(prompts, seed=3, batch=2, cache=False))
+    assert torch.equal(cached, pipe.generate_codes(prompts, seed=3, batch=3, cache=True))  # batch-independent
+    assert not torch.equal(cached, pipe.generate_codes(prompts, seed=4, batch=2, cache=True))
+    greedy = pipe.generate_codes(prompts[:2], temperature=0.0, cfg_scale=1.0)
+    assert torch.equal(greedy, pipe.generate_codes(prompts[:2], temperature=0.0, cfg_scale=1.0, cache=False))
+
+
+def test_save_load_roundtrip_and_tokenizer_check(evo, text_tok, tmp_path):
+    model = build(evo, text_tok, "qwen2").eval()
+    evo.save_pretrained(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "m", tokenizer_ref=tokenizer_reference(tmp_path / "tok"), text_tokenizer=text_tok)
+    pipe = UnifiedPipeline.from_pretrained(tmp_path / "m")
+    b = batch(model, text_tok, evo, [UND_CONV, GEN_CONV])
+    torch.testing.assert_close(pipe.model(**b)["loss"], model(**b)["loss"], rtol=0, atol=0)
+    img = np.zeros((32, 32, 3), np.uint8)
+    assert len(pipe.answer([img], ["Is the square blue?"], max_new_tokens=3)) == 1
+    assert pipe.generate_image(["a photo of a red circle"])[0].shape == (32, 32, 3)
+    other = EvoTokenizer(evo.cfg, with_teacher=False)
+    other.save_pretrained(tmp_path / "tok2")
+    with pytest.raises(ValueError, match="not the tokenizer"):
+        UnifiedPipeline.from_pretrained(tmp_path / "m", tokenizer_dir=tmp_path / "tok2")
+
+
+def test_frozen_llm_trains_only_heads_and_new_token_rows(evo, text_tok):
+    model = build(evo, text_tok, "qwen2")
+    model.cfg = dataclasses.replace(model.cfg, freeze_llm=True)
+    groups = model.configure_trainable()
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(**batch(model, text_tok, evo, [UND_CONV, GEN_CONV]))["loss"].backward()
+    opt.step()
+    after = model.state_dict()
+    embs = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")  # tied in the tiny LLM
+    rows = torch.zeros(len(after[embs[0]]), dtype=torch.bool)
+    rows[model.dims.new_token_ids] = True
+    for emb in embs:
+        assert torch.equal(after[emb][~rows], before[emb][~rows]) and not torch.equal(after[emb][rows], before[emb][rows])
+    llm_changed = [k for k in after if k.startswith("llm.") and k not in embs and not torch.equal(after[k], before[k])]
+    assert llm_changed == []
+    assert not torch.equal(after["depth.in_h.weight"], before["depth.in_h.weight"])
+    assert torch.equal(after["codebooks"], evo.quantizer.codebook[:3])

@@ -1,0 +1,116 @@
+"""Stage 2 end to end on shapes-world shards with precomputed codes: artefacts, exact resume in-process, and
+deepspeed ZeRO-2 on two ranks followed by a fresh process that loads the export and samples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import stage2  # launch/ is on pytest's pythonpath
+from conftest import deepspeed_launch
+
+from data.precompute_codes import precompute
+from data.shapes_cli import DatasetConfig, write_dataset
+from tokenizer.config import preset
+from tokenizer.model import EvoTokenizer
+from unimllm.checkpoint import latest_checkpoint, list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model.llm.hidden_size", "32", "--model.llm.num_layers", "2", "--model.llm.intermediate_size", "64",
+         "--model.depth.width", "32", "--model.depth.layers", "1", "--text_tokenizer.vocab_size", "300",
+         "--data.batch_size", "4", "--mix.group_batches", "2", "--val.max_questions", "12", "--val.max_prompts", "12",
+         "--val.batch_size", "8", "--val.grid_images", "4", "--train.log_every", "1", "--train.threads", "1",
+         "--run.wandb_mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Shapes shards (train + val + GenEval prompts), a small random tokenizer, and codes precomputed with it."""
+    out = tmp_path_factory.mktemp("world")
+    write_dataset(DatasetConfig(out=str(out / "shapes"), n=48, n_val=16, shard_size=16, workers=0, geneval_per_tag=2),
+                  log=lambda *_: None)
+    cfg = preset("tiny")
+    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
+    cfg.quantizer.codebook_size = 64
+    EvoTokenizer(cfg, with_teacher=False).save_pretrained(out / "tok")
+    summary = precompute(out / "tok", str(out / "shapes/train/shapes-train-{000000..000002}.tar"), out / "codes")
+    assert summary["samples"] == 48
+    return out
+
+
+def args(world: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "launch/configs/stage2/tiny.yaml"), *SMALL,
+            "--model.tokenizer", str(world / "tok"),
+            "--data.sources.0.shards", str(world / "codes/shapes-train-{000000..000002}.tar"),
+            "--val.shards", str(world / "shapes/val/shapes-val-000000.tar"),
+            "--val.geneval_prompts", str(world / "shapes/val/geneval_prompts.jsonl"),
+            "--train.steps", str(steps), "--run.out_dir", str(out), *extra]
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["train/loss"] for r in rows(out) if "train/loss" in r]
+
+
+def test_stage2_in_process_artefacts_and_exact_resume(world, tmp_path):
+    full = tmp_path / "full"
+    final = stage2.main(args(world, full, 4, "--train.save_every", "2"))
+    assert 0 <= final["val/yes_no_acc"] <= 1 and final["val/questions"] == 12
+    assert 0 <= final["val/geneval_matched"] <= 1 and 0 <= final["val/geneval_shuffled"] <= 1
+    assert [s for s, _ in list_checkpoints(full / "checkpoints")] == [2, 4]
+    logged = {k for r in rows(full) for k in r}
+    assert {"train/text_loss", "train/image_loss", "train/loss", "train/gen_fraction", "train/pad_fraction",
+            "train/grad_norm_unified", "train/lr_unified", "perf/samples_per_s", "perf/tokens_per_s",
+            "perf/peak_mem_gb", "val/geneval_matched/single_object"} <= logged
+    assert (full / "images").is_dir() and any((full / "images").iterdir())
+    export = full / "export" / "unified"
+    assert {"unified_config.json", "heads.safetensors", "llm", "text_tokenizer"} <= {p.name for p in export.iterdir()}
+    meta = json.loads((export / "unified_config.json").read_text())
+    assert meta["tokenizer"]["path"] == str((world / "tok").resolve()) and len(meta["tokenizer"]["sha256"]) == 64
+    assert meta["model"]["sampler"]["cfg_scale"] == 3.0
+
+    part = tmp_path / "part"
+    stage2.main(args(world, part, 2))
+    stage2.main(args(world, part, 4))  # resumes from step 2: loader group position, RNG, optimizer
+    assert losses(part) == losses(full)
+
+
+def test_stage2_refuses_codes_from_another_tokenizer(world, tmp_path):
+    cfg = preset("tiny")
+    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
+    cfg.quantizer.codebook_size = 64
+    EvoTokenizer(cfg, with_teacher=False).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="precomputed codes do not fit model.tokenizer"):
+        stage2.main(args(world, tmp_path / "run", 1, "--model.tokenizer", str(tmp_path / "other")))
+    with pytest.raises(FileNotFoundError, match="model.tokenizer"):
+        stage2.main(args(world, tmp_path / "run", 1, "--model.tokenizer", str(tmp_path / "missing")))
+
+
+def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_path):
+    out = tmp_path / "ds"
+    deepspeed_launch(ROOT / "launch/stage2.py", args(world, out, 3, "--train.zero_stage", "2"), 29631)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert {"meta.json", "unified", "rank_00000.pt", "rank_00001.pt"} <= {p.name for p in ckpt.iterdir()}
+    zero = {p.name for p in (ckpt / "unified" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= zero
+    assert len(losses(out)) == 3
+    code = (
+        "import json, sys\n"
+        "from llm.pipeline import UnifiedPipeline\n"
+        "pipe = UnifiedPipeline.from_pretrained(sys.argv[1])\n"
+        "imgs = pipe.generate_image(['a photo of a red circle'], seed=0)\n"
+        "again = pipe.generate_image(['a photo of a red circle'], seed=0)\n"
+        "ans = pipe.answer(imgs, ['Is there a red circle in the image? Please answer yes or no.'], max_new_tokens=4)\n"
+        "print(json.dumps({'shape': list(imgs[0].shape), 'same': bool((imgs[0] == again[0]).all()), 'answer': ans}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(out / "export" / "unified")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [64, 64, 3] and got["same"] and isinstance(got["answer"][0], str)
