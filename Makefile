@@ -48,11 +48,24 @@ stage1: install
 	@test -f $(RUNS)/shapes/demo/manifest.json || $(MAKE) shapes
 	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny
 
-stage2 stage3 eval:
-	@echo "make $@: not implemented yet (lands with its issue: stage2 #4, eval #5, stage3 #6)" >&2; exit 2
+# Stage 2 (one unified LLM) on the shapes world, tiny preset, CPU: the stage-1 tokenizer (built if absent),
+# its codes precomputed into runs/shapes/demo/codes (resumable; redone when the tokenizer changed), then training.
+stage2: install
+	@test -f $(RUNS)/stage1/tiny/export/tokenizer/model.safetensors || $(MAKE) stage1
+	$(PY) -m data.precompute_codes --tokenizer $(RUNS)/stage1/tiny/export/tokenizer --no-progress \
+		--shards "$(RUNS)/shapes/demo/train/shapes-train-{000000..000003}.tar" --out $(RUNS)/shapes/demo/codes
+	$(PY) launch/stage2.py --config launch/configs/stage2/tiny.yaml --run.out_dir $(RUNS)/stage2/tiny \
+		--model.tokenizer $(RUNS)/stage1/tiny/export/tokenizer \
+		--data.sources.0.shards "$(RUNS)/shapes/demo/codes/shapes-train-{000000..000003}.tar" \
+		--val.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
+		--val.geneval_prompts $(RUNS)/shapes/demo/val/geneval_prompts.jsonl
+
+stage3 eval:
+	@echo "make $@: not implemented yet (lands with its issue: eval #5, stage3 #6)" >&2; exit 2
 
 bench: install
 	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache

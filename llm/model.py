@@ -196,8 +196,11 @@ class UnifiedModel(nn.Module):
         if gen_codes is not None and gen_codes.numel():
             codes = gen_codes.reshape(-1, gen_codes.shape[-1])  # (M, L)
             logits = self.depth_logits(h[src], codes)  # (M, L, K)
-            out["image_loss"] = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+            per = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
+            out["image_loss"] = per.mean()
             out["image_acc"] = (logits.argmax(-1) == codes).float().mean()
+            for d in range(codes.shape[1]):  # per depth, for the logs (depth 1 carries most of the image)
+                out[f"image_loss_d{d + 1}"] = per[:, d].mean().detach()
             loss = loss + self.cfg.image_weight * out["image_loss"]
         else:  # keep every trainable parameter in the graph (DeepSpeed reduces all gradients every step)
             loss = loss + 0.0 * sum(p.sum() for p in (*self.depth.parameters(), *self.gen_projector.parameters()))
