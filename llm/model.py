@@ -159,10 +159,11 @@ class UnifiedModel(nn.Module):
         """Token embeddings (B, T, H) with UND slots <- und_projector(und_feats (n_u, N, C)) and GEN slots
         <- gen_inputs(gen_codes (n_g, N, L)), both in row-major slot order."""
         emb = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
-        if und_feats is not None and und_feats.numel():
+        # Empty (0, N, ...) inputs still run the projector: under ZeRO-3 every rank must call the same modules.
+        if und_feats is not None:
             x = self.und_projector(und_feats.to(emb.dtype)).reshape(-1, emb.shape[-1])  # (n_u * N, H)
             emb = emb.masked_scatter((kind == UND).unsqueeze(-1), x.to(emb.dtype))
-        if gen_codes is not None and gen_codes.numel():
+        if gen_codes is not None:
             x = self.gen_inputs(gen_codes).reshape(-1, emb.shape[-1])  # (n_g * N, H)
             emb = emb.masked_scatter((kind == GEN).unsqueeze(-1), x.to(emb.dtype))
         return emb
@@ -181,31 +182,38 @@ class UnifiedModel(nn.Module):
                 und_feats: Tensor | None = None, gen_codes: Tensor | None = None) -> dict[str, Tensor]:
         """One batch (see llm.conversation): input_ids/targets/kind/attention_mask (B, T); und_feats
         (n_u, N, C); gen_codes (n_g, N, L_pix). Returns loss and its parts (tensors)."""
+        # Every module runs on every batch, on empty inputs when a modality is absent, so all ranks make the
+        # same calls (ZeRO-3 gathers per module) and every trainable parameter gets a (zero) gradient.
+        L = self.dims.depth_pix
+        if und_feats is None:
+            und_feats = self.codebooks.new_zeros(0, self.image_positions, self.dims.sem_dim)
+        if gen_codes is None:
+            gen_codes = input_ids.new_zeros(0, self.image_positions, L)
         emb = self.embed(input_ids, kind, und_feats, gen_codes)
         h = self.hidden_states(emb, attention_mask).last_hidden_state  # (B, T, H)
         out: dict[str, Tensor] = {}
         loss = h.new_zeros((), dtype=torch.float32)
         sel = targets != IGNORE  # (B, T)
+        logits = self.llm.get_output_embeddings()(h[sel])  # (n_text, V)
         if sel.any():
-            logits = self.llm.get_output_embeddings()(h[sel])  # (n_text, V)
             out["text_loss"] = F.cross_entropy(logits.float(), targets[sel])
             out["text_acc"] = (logits.argmax(-1) == targets[sel]).float().mean()
             loss = loss + self.cfg.text_weight * out["text_loss"]
+        else:
+            loss = loss + 0.0 * logits.sum()
         src = torch.zeros_like(sel)
         src[:, :-1] = kind[:, 1:] == GEN  # states right before each generation slot
-        if gen_codes is not None and gen_codes.numel():
-            codes = gen_codes.reshape(-1, gen_codes.shape[-1])  # (M, L)
-            logits = self.depth_logits(h[src], codes)  # (M, L, K)
+        codes = gen_codes.reshape(-1, L)  # (M, L)
+        logits = self.depth_logits(h[src], codes)  # (M, L, K)
+        if codes.numel():
             per = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
             out["image_loss"] = per.mean()
             out["image_acc"] = (logits.argmax(-1) == codes).float().mean()
             for d in range(codes.shape[1]):  # per depth, for the logs (depth 1 carries most of the image)
                 out[f"image_loss_d{d + 1}"] = per[:, d].mean().detach()
             loss = loss + self.cfg.image_weight * out["image_loss"]
-        else:  # keep every trainable parameter in the graph (DeepSpeed reduces all gradients every step)
-            loss = loss + 0.0 * sum(p.sum() for p in (*self.depth.parameters(), *self.gen_projector.parameters()))
-        if und_feats is None or not und_feats.numel():
-            loss = loss + 0.0 * sum(p.sum() for p in self.und_projector.parameters())
+        else:
+            loss = loss + 0.0 * logits.sum()
         out["loss"] = loss
         out["text_tokens"] = sel.sum()
         out["image_codes"] = src.sum() * self.dims.depth_pix

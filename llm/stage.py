@@ -356,6 +356,10 @@ class Stage2Task(Task):
         return specs[: self.cfg.val.max_prompts]
 
     def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, float]:
+        with gathered_parameters(self.model, self.cfg.train.zero_stage):  # sampling reads weights outside forward()
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         from eval.geneval_shapes import score_generations
         from eval.mme import parse_yes_no
 
@@ -405,9 +409,13 @@ class Stage2Task(Task):
         return out
 
     def images(self, engines: dict[str, Any], step: int) -> dict[str, Image.Image]:
-        v = self.cfg.val
-        if not v.geneval_prompts or not self.dist.is_main:
+        if not self.cfg.val.geneval_prompts:
             return {}
+        with gathered_parameters(self.model, self.cfg.train.zero_stage):  # collective: every rank enters
+            return self._images() if self.dist.is_main else {}
+
+    def _images(self) -> dict[str, Image.Image]:
+        v = self.cfg.val
         specs = self._prompts()[:: max(1, len(self._prompts()) // v.grid_images)][: v.grid_images]
         self.model.eval()
         imgs = self.pipeline().generate_image([s["prompt"] for s in specs], seed=v.seed, batch=v.batch_size)

@@ -94,7 +94,7 @@ def test_stage2_refuses_codes_from_another_tokenizer(world, tmp_path):
 
 def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_path):
     out = tmp_path / "ds"
-    deepspeed_launch(ROOT / "launch/stage2.py", args(world, out, 3, "--train.zero_stage", "2"), 29631)
+    deepspeed_launch(ROOT / "launch/stage2.py", args(world, out, 3, "--train.zero_stage", "2"), 29632)
     ckpt = latest_checkpoint(out / "checkpoints")
     assert {"meta.json", "unified", "rank_00000.pt", "rank_00001.pt"} <= {p.name for p in ckpt.iterdir()}
     zero = {p.name for p in (ckpt / "unified" / "state").iterdir()}
