@@ -367,6 +367,15 @@ class StreamingLoader:
 
 
 
+def eval_loader(shards: str, batch_size: int, resolution: int, *, rank: int = 0, world_size: int = 1) -> StreamingLoader:
+    """One in-order pass over held-out shards (this rank's share): center crop, json read, no workers."""
+    from data.config import ImageConfig, SourceConfig
+
+    cfg = DataConfig(sources=[SourceConfig(shards=shards)], batch_size=batch_size, num_workers=0, shuffle_buffer=0,
+                     read_json=True, image=ImageConfig(resolution=resolution, crop="center"))
+    return StreamingLoader(cfg, rank=rank, world_size=world_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data.loader --config launch/configs/data/shapes-demo.yaml [--dotted.overrides]``.
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.config import DataConfig, ImageConfig, SourceConfig
+from data.config import DataConfig, ImageConfig
 from data.grouping import LengthGroupedBatches
-from data.loader import StreamingLoader, expand_shards
+from data.loader import StreamingLoader, eval_loader, expand_shards
 from data.precompute_codes import codes_mismatch, read_codes_manifest, tokenizer_fingerprint
 from data.schema import SampleError, sample_codes, sample_meta, sample_pixels
 from data.transforms import ImageTransform, normalize
@@ -225,8 +225,7 @@ class Stage2Task(Task):
             field_ = "model.llm.text_tokenizer" if llm.text_tokenizer else "model.llm.pretrained"
             return load_text_tokenizer(llm.text_tokenizer or llm.pretrained, field_, llm.trust_remote_code)
         if self.dist.is_main and not (out / "tokenizer.json").is_file():  # train once; a resumed run reuses it
-            shards = [p for s in cfg.data.sources for p in expand_shards(s.shards)]
-            tok = train_text_tokenizer(corpus(shards, cfg.text_tokenizer.max_records), cfg.text_tokenizer.vocab_size)
+            tok = train_text_tokenizer(corpus(self.shards, cfg.text_tokenizer.max_records), cfg.text_tokenizer.vocab_size)
             tok.save_pretrained(str(out))
         barrier()
         return load_text_tokenizer(out, "text_tokenizer (trained by stage 2)")
@@ -244,6 +243,7 @@ class Stage2Task(Task):
         if cfg.data.image.resolution != self.tokenizer.cfg.encoder.image_size:
             raise ConfigError("data.image.resolution", f"{cfg.data.image.resolution} != the tokenizer's image size "
                                                        f"{self.tokenizer.cfg.encoder.image_size}")
+        self.shards = [p for s in cfg.data.sources for p in expand_shards(s.shards)]
         self.text_tokenizer, added = self._text_tokenizer()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" and cfg.model.llm.pretrained else None
         self.model = build_unified(cfg.model, self.text_tokenizer, added, self.tokenizer, dtype=dtype,
@@ -252,8 +252,7 @@ class Stage2Task(Task):
             self.model.enable_gradient_checkpointing()
         self.param_groups = self.model.configure_trainable()
         self.encoder = ConversationEncoder(self.text_tokenizer, self.model.image_positions, cfg.mix.max_length)
-        shards = [p for s in cfg.data.sources for p in expand_shards(s.shards)]
-        match = codes_match_tokenizer(shards, str(tdir)) if cfg.mix.image_source != "images" else None
+        match = codes_match_tokenizer(self.shards, str(tdir)) if cfg.mix.image_source != "images" else None
         if cfg.mix.image_source == "codes" and match is None:
             raise ConfigError("mix.image_source", "codes requested but the shards have no codes_manifest.json")
         self.use_codes = bool(match)
@@ -276,12 +275,16 @@ class Stage2Task(Task):
         return iter(self.batches)
 
     # ------------------------------------------------------------------ step
+    def _codes(self, batch: dict) -> torch.Tensor:
+        """(B, h, w, L_sem): the batch's precomputed codes, else the frozen tokenizer's codes of its images."""
+        codes = batch.get("codes")
+        if isinstance(codes, torch.Tensor):
+            return codes.to(self.device)
+        return self.tokenizer.encode(normalize(batch["image"].to(self.device)))
+
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         dev, L = self.device, self.model.dims.depth_pix
-        if "codes" in batch:
-            codes = batch["codes"].to(dev)  # (B, h, w, L_sem)
-        else:
-            codes = self.tokenizer.encode(normalize(batch["image"].to(dev)))
+        codes = self._codes(batch)
         kind = batch["kind"].to(dev)
         und = (kind == UND).any(1)  # (B,)
         gen = (kind == GEN).any(1)
@@ -334,17 +337,14 @@ class Stage2Task(Task):
 
     def _val_records(self, limit: int):
         """(codes (n, h, w, L_sem), records) of this rank's share of the held-out shards, in order."""
-        v, d = self.cfg.val, self.cfg.data
-        cfg = DataConfig(sources=[SourceConfig(shards=v.shards)], batch_size=v.batch_size, num_workers=0,
-                         shuffle_buffer=0, read_json=True, image=ImageConfig(resolution=d.image.resolution))
+        v = self.cfg.val
         n = 0
-        for batch in StreamingLoader(cfg, rank=self.dist.rank, world_size=self.dist.world_size):
+        for batch in eval_loader(v.shards, v.batch_size, self.cfg.data.image.resolution, rank=self.dist.rank,
+                                 world_size=self.dist.world_size):
             keep = limit - n
             if keep <= 0:
                 break
-            codes = batch.get("codes")
-            codes = (codes.to(self.device) if isinstance(codes, torch.Tensor) else
-                     self.tokenizer.encode(normalize(batch["image"].to(self.device))))
+            codes = self._codes(batch)
             n += len(codes[:keep])
             yield codes[:keep], batch["json"][:keep]
 
@@ -416,7 +416,8 @@ class Stage2Task(Task):
 
     def _images(self) -> dict[str, Image.Image]:
         v = self.cfg.val
-        specs = self._prompts()[:: max(1, len(self._prompts()) // v.grid_images)][: v.grid_images]
+        specs = self._prompts()
+        specs = specs[:: max(1, len(specs) // v.grid_images)][: v.grid_images]
         self.model.eval()
         imgs = self.pipeline().generate_image([s["prompt"] for s in specs], seed=v.seed, batch=v.batch_size)
         self.model.train()

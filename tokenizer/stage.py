@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.config import DataConfig, ImageConfig, SourceConfig
-from data.loader import StreamingLoader
+from data.config import DataConfig
+from data.loader import StreamingLoader, eval_loader
 from data.transforms import denormalize, normalize
 from eval.metrics import psnr, ssim
 from tokenizer.config import TokenizerConfig, preset
@@ -206,11 +206,9 @@ class Stage1Task(Task):
 
     # ---------------------------------------------------------------------------------- validation
     def _val_loader(self) -> StreamingLoader:
-        v, d = self.cfg.val, self.cfg.data
-        cfg = DataConfig(sources=[SourceConfig(shards=v.shards)], batch_size=v.batch_size, num_workers=0,
-                         shuffle_buffer=0, read_json=True,
-                         image=ImageConfig(resolution=d.image.resolution, crop="center"))
-        return StreamingLoader(cfg, rank=self.dist.rank, world_size=self.dist.world_size)
+        v = self.cfg.val
+        return eval_loader(v.shards, v.batch_size, self.cfg.data.image.resolution, rank=self.dist.rank,
+                           world_size=self.dist.world_size)
 
     @torch.no_grad()
     def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
