@@ -60,8 +60,19 @@ stage2: install
 		--val.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
 		--val.geneval_prompts $(RUNS)/shapes/demo/val/geneval_prompts.jsonl
 
-stage3 eval:
-	@echo "make $@: not implemented yet (lands with its issue: eval #5, stage3 #6)" >&2; exit 2
+# The shapes evaluation suite (recon, shapes-MME, shapes-GenEval with its shuffled-prompt control) on the
+# stage-2 demo checkpoint (built first if absent); writes runs/stage2/tiny/eval/shapes/{report.md,scores.json,...}.
+eval: install
+	@test -f $(RUNS)/stage2/tiny/export/unified/unified_config.json || $(MAKE) stage2
+	@# a new checkpoint starts a fresh report (the GenEval layout resumes only for the same checkpoint and sampler)
+	@if [ $(RUNS)/stage2/tiny/eval/shapes/report.md -ot $(RUNS)/stage2/tiny/export/unified/unified_config.json ]; then \
+		rm -rf $(RUNS)/stage2/tiny/eval/shapes; fi
+	$(PY) launch/evaluate.py --config launch/configs/eval/shapes.yaml --ckpt $(RUNS)/stage2/tiny/export/unified \
+		--out $(RUNS)/stage2/tiny/eval/shapes --shapes.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
+		--shapes.geneval_prompts $(RUNS)/shapes/demo/val/geneval_prompts.jsonl
+
+stage3:
+	@echo "make $@: not implemented yet (lands with its issue: stage3 #6)" >&2; exit 2
 
 bench: install
 	$(PY) benchmarks/loader.py

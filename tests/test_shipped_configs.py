@@ -11,6 +11,7 @@ import pytest
 
 from data.config import DataConfig
 from data.shapes import ShapesConfig
+from eval.config import EvalConfig
 from llm.stage import Stage2Config
 from llm.stage import model_presets as stage2_presets
 from tokenizer.stage import Stage1Config, model_presets
@@ -18,9 +19,10 @@ from unimllm.config import field_docs, load_config, preset_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # launch/configs/<folder>/*.yaml -> the root config class of that folder. A new folder must be added here.
-CONFIG_CLASSES: dict[str, type] = {"data": DataConfig, "stage1": Stage1Config, "stage2": Stage2Config}
+CONFIG_CLASSES: dict[str, type] = {"data": DataConfig, "stage1": Stage1Config, "stage2": Stage2Config,
+                                   "eval": EvalConfig}
 PRESETS = {Stage1Config: ("model_preset", model_presets), Stage2Config: ("model_preset", stage2_presets)}  # classes whose YAMLs start from a preset
-ROOT_CLASSES = [DataConfig, ShapesConfig, Stage1Config, Stage2Config]
+ROOT_CLASSES = [DataConfig, ShapesConfig, Stage1Config, Stage2Config, EvalConfig]
 PACKAGES = ("unimllm", "tokenizer", "llm", "data", "eval")
 YAMLS = sorted((ROOT / "launch/configs").rglob("*.yaml"))
 
