@@ -282,17 +282,9 @@ def per_tag(specs: list[dict], n: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def generate_images(pipe, prompts: list[str], seeds: list[int], sampler) -> list[np.ndarray]:
     """uint8 (H, W, 3) images, image k drawn with its own generator seeded ``seeds[k]`` (see GENERATOR)."""
-    from data.transforms import denormalize
-    from llm.sampling import sample_codes
-
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    ids = [pipe.encoder.generation_prompt(p) for p in prompts]
-    codes = sample_codes(pipe.model, ids, pipe.encoder.generation_prompt(""), sampler, gens)  # (n, N, L_pix)
-    g = pipe.model.dims.grid
-    return list(denormalize(pipe.tokenizer.decode_pixels(codes.view(len(prompts), g, g, -1))))
+    return pipe.generate_image(prompts, seeds=seeds, batch=len(prompts), **dataclasses.asdict(sampler))
 
 
 def layout_grid(layout: Path, n: int, path: Path, cols: int = 8) -> Path | None:

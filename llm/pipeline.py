@@ -65,18 +65,22 @@ class UnifiedPipeline:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate_codes(self, prompts: list[str], *, seed: int = 0, batch: int = 16, cache: bool = True,
-                       **overrides: Any) -> torch.Tensor:
-        """Codes (n, grid, grid, L_pix) for ``prompts``; ``overrides``: cfg_scale, temperature, top_k, top_p."""
+                       seeds: list[int] | None = None, **overrides: Any) -> torch.Tensor:
+        """Codes (n, grid, grid, L_pix) for ``prompts``; ``overrides``: cfg_scale, temperature, top_k, top_p.
+        Sample k draws from its own generator, seeded ``seeds[k]`` when given, else from ``seed`` and k."""
         import dataclasses
 
         sampler = dataclasses.replace(self.sampler, **{k: v for k, v in overrides.items() if v is not None})
         sampler.validate()
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
         g = self.model.dims.grid
         uncond = self.encoder.generation_prompt("")
         out = []
         for i in range(0, len(prompts), batch):
             chunk = prompts[i: i + batch]
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + i + j) for j in range(len(chunk))]
+            gens = [torch.Generator().manual_seed(int(seeds[i + j]) if seeds is not None else seed * 1_000_003 + i + j)
+                    for j in range(len(chunk))]
             ids = [self.encoder.generation_prompt(p) for p in chunk]
             codes = sample_codes(self.model, ids, uncond, sampler, gens, cache=cache)  # (b, N, L)
             out.append(codes.view(len(chunk), g, g, -1))
@@ -85,9 +89,10 @@ class UnifiedPipeline:
     @torch.no_grad()
     def generate_image(self, prompts: list[str], cfg_scale: float | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch: int = 16,
-                       cache: bool = True) -> list[np.ndarray]:
-        """Images (uint8 (H, W, 3)) for ``prompts``; unset sampler arguments use the checkpoint's defaults."""
-        codes = self.generate_codes(prompts, seed=seed, batch=batch, cache=cache, cfg_scale=cfg_scale,
+                       cache: bool = True, seeds: list[int] | None = None) -> list[np.ndarray]:
+        """Images (uint8 (H, W, 3)) for ``prompts``; unset sampler arguments use the checkpoint's defaults;
+        ``seeds``: one generator seed per image (see generate_codes)."""
+        codes = self.generate_codes(prompts, seed=seed, batch=batch, cache=cache, seeds=seeds, cfg_scale=cfg_scale,
                                     temperature=temperature, top_k=top_k, top_p=top_p)
         images = []
         for i in range(0, len(codes), batch):
