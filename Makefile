@@ -10,6 +10,8 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 CONSTRAINTS := $(if $(filter 0,$(HAS_GPU)),-c constraints/cpu.txt,)
 STAMP  := $(VENV)/.installed-$(HAS_GPU)
 RUNS   ?= runs
+# make demo DEVICE=cuda runs the chain on a GPU.
+DEVICE ?= $(if $(filter 1,$(HAS_GPU)),cuda,cpu)
 # Threads: never more than the cores we have (oversubscribing 2 cores made a prototype 8x slower).
 NPROC  := $(shell nproc 2>/dev/null || echo 1)
 export OMP_NUM_THREADS ?= $(NPROC)
@@ -34,11 +36,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# The main job on the built-in default. Stages 1-3 and eval join this chain as they land.
-demo: install shapes
-	$(PY) -m data.validate $(RUNS)/shapes/demo/train/*.tar $(RUNS)/shapes/demo/val/*.tar
-	$(PY) -m data.loader --config launch/configs/data/shapes-demo.yaml
-	$(PY) benchmarks/loader.py --shards "$(RUNS)/shapes/demo/train/*.tar" --out $(RUNS)/bench/loader.json
+# The main job on the built-in default: shapes shards -> stage 1 -> codes -> stage 2 -> stage 3 -> shapes eval,
+# timed, ending in one results table (runs/demo/demo.md). Training runs 2 processes x 1 thread on 2 cores.
+demo: install
+	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE)
 
 shapes: install
 	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n-val 500 --level demo
@@ -54,7 +55,7 @@ stage2: install
 	@test -f $(RUNS)/stage1/tiny/export/tokenizer/model.safetensors || $(MAKE) stage1
 	$(PY) -m data.precompute_codes --tokenizer $(RUNS)/stage1/tiny/export/tokenizer --no-progress \
 		--shards "$(RUNS)/shapes/demo/train/shapes-train-{000000..000003}.tar" --out $(RUNS)/shapes/demo/codes
-	$(PY) launch/stage2.py --config launch/configs/stage2/tiny.yaml --run.out_dir $(RUNS)/stage2/tiny \
+	$(PY) launch/stage2.py --config launch/configs/stage2/tiny.yaml --run.out_dir $(RUNS)/stage2/tiny --train.threads $(NPROC) \
 		--model.tokenizer $(RUNS)/stage1/tiny/export/tokenizer \
 		--data.sources.0.shards "$(RUNS)/shapes/demo/codes/shapes-train-{000000..000003}.tar" \
 		--val.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
@@ -71,8 +72,14 @@ eval: install
 		--out $(RUNS)/stage2/tiny/eval/shapes --shapes.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
 		--shapes.geneval_prompts $(RUNS)/shapes/demo/val/geneval_prompts.jsonl
 
-stage3:
-	@echo "make $@: not implemented yet (lands with its issue: stage3 #6)" >&2; exit 2
+# Stage 3 (instruction tuning, full fine-tuning for the tiny random-init LLM) from the `make stage2` export.
+stage3: install
+	@test -f $(RUNS)/stage2/tiny/export/unified/unified_config.json || $(MAKE) stage2
+	$(PY) launch/stage3.py --config launch/configs/stage3/tiny.yaml --run.out_dir $(RUNS)/stage3/tiny --train.threads $(NPROC) \
+		--init_from $(RUNS)/stage2/tiny/export/unified \
+		--data.sources.0.shards "$(RUNS)/shapes/demo/codes/shapes-train-{000000..000003}.tar" \
+		--val.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
+		--val.geneval_prompts $(RUNS)/shapes/demo/val/geneval_prompts.jsonl
 
 bench: install
 	$(PY) benchmarks/loader.py

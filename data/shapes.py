@@ -90,7 +90,7 @@ class ShapesConfig:
     "Relative frequency of the six GenEval tags each image is drawn for."
     position_margin: float = 0.1
     "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this (>= 0)."
-    qa_turns: int = 2
+    qa_turns: int = 8
     "Question-answer turns after the describe turn in each conversation (>= 0; a scene with fewer questions asks all)."
 
     def validate(self) -> None:

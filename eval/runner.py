@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from eval.report import evaluator_versions, git_state, hash_files, sha256_file, 
 from unimllm.config import to_dict
 from unimllm.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from unimllm.logging import build_logger, print0
+
+if TYPE_CHECKING:
+    from llm.pipeline import ResolvedTokenizer
 
 GENERATOR = ("image with sample seed s: torch.Generator('cpu').manual_seed(s) draws every code of that image in "
              "llm.sampling.sample_codes (one generator per image: codes independent of batch and ranks; the batched "
@@ -61,45 +64,26 @@ class Checkpoint:
 
     kind: str
     path: Path
-    tokenizer_dir: Path
-    tokenizer_sha256: str
-
-
-def _is_tokenizer(folder: Path) -> bool:
-    import json
-
-    cfg = folder / "config.json"
-    if not (cfg.is_file() and (folder / "model.safetensors").is_file()):
-        return False
-    try:
-        return "quantizer" in json.loads(cfg.read_text())
-    except ValueError:
-        return False
+    tokenizer: ResolvedTokenizer
+    """The tokenizer (the export itself for kind tokenizer) and its sha256, computed once at resolution."""
 
 
 def _unified(folder: Path, tokenizer: str) -> Checkpoint:
-    from data.precompute_codes import tokenizer_fingerprint
     from llm.model import read_meta
+    from llm.pipeline import resolve_tokenizer
 
-    ref = read_meta(folder)["tokenizer"]  # ValueError on another format
+    read_meta(folder)  # ValueError on another format
     missing = [f for f in ("heads.safetensors", "llm/config.json", "text_tokenizer") if not (folder / f).exists()]
     if missing:
         raise FileNotFoundError(f"ckpt: {folder} is an incomplete unified export (missing {', '.join(missing)})")
-    tdir = Path(tokenizer or ref["path"])
-    if not _is_tokenizer(tdir):
-        raise FileNotFoundError(f"{'tokenizer' if tokenizer else 'ckpt'}: {tdir} is not an EvoTok export (config.json"
-                                f" + model.safetensors); {folder} references {ref['path']}: pass --tokenizer DIR if "
-                                "it moved")
-    sha = tokenizer_fingerprint(tdir)
-    if sha != ref["sha256"]:
-        raise ValueError(f"tokenizer: {tdir} is not the tokenizer {folder} was trained with "
-                         f"(sha256 {sha[:12]}... != {ref['sha256'][:12]}...)")
-    return Checkpoint("unified", folder, tdir, sha)
+    return Checkpoint("unified", folder, resolve_tokenizer(folder, tokenizer or None, field="tokenizer"))
 
 
 def resolve_checkpoint(ckpt: str | Path, suite: str, tokenizer: str = "") -> Checkpoint:
     """A unified export / stage-2 run folder, or (suite recon only) a tokenizer export / stage-1 run folder."""
     from data.precompute_codes import tokenizer_fingerprint
+    from llm.pipeline import ResolvedTokenizer
+    from tokenizer.model import is_tokenizer_dir
 
     root = Path(ckpt)
     if not root.is_dir():
@@ -108,11 +92,11 @@ def resolve_checkpoint(ckpt: str | Path, suite: str, tokenizer: str = "") -> Che
     for cand in (root, root / "export" / "unified", root / "export" / "tokenizer"):
         if (cand / "unified_config.json").is_file():
             return _unified(cand, tokenizer)
-        if _is_tokenizer(cand):
+        if is_tokenizer_dir(cand):
             if suite != "recon":
                 raise ValueError(f"ckpt: {cand} is a stage-1 tokenizer export; suite {suite} needs a stage-2 unified "
                                  "export (a folder with unified_config.json)")
-            return Checkpoint("tokenizer", cand, cand, tokenizer_fingerprint(cand))
+            return Checkpoint("tokenizer", cand, ResolvedTokenizer(cand, tokenizer_fingerprint(cand)))
     raise FileNotFoundError(f"ckpt: {root} is neither a stage-2 unified export (unified_config.json, heads.safetensors, "
                             "llm/, text_tokenizer/) nor a stage-1 tokenizer export (config.json + model.safetensors), "
                             "nor a run folder with export/unified or export/tokenizer")
@@ -149,7 +133,7 @@ class Run:
         from llm.pipeline import UnifiedPipeline
 
         if self._pipe is None:
-            self._pipe = UnifiedPipeline.from_pretrained(self.ckpt.path, tokenizer_dir=self.ckpt.tokenizer_dir,
+            self._pipe = UnifiedPipeline.from_pretrained(self.ckpt.path, tokenizer_dir=self.ckpt.tokenizer,
                                                          device=self.dist.device, dtype=DTYPES[self.cfg.precision])
         return self._pipe
 
@@ -158,7 +142,7 @@ class Run:
 
         if self.ckpt.kind == "unified" and self.cfg.suite != "recon":
             return self.pipeline().tokenizer
-        return EvoTokenizer.from_pretrained(self.ckpt.tokenizer_dir, with_teacher=False, device=self.dist.device)
+        return EvoTokenizer.from_pretrained(self.ckpt.tokenizer.path, with_teacher=False, device=self.dist.device)
 
     def sampler(self):
         """The checkpoint's sampler defaults with the geneval section's overrides (what is actually used)."""
@@ -190,8 +174,8 @@ class Run:
 
 def checkpoint_identity(ckpt: Checkpoint) -> dict:
     ident = tree_identity(ckpt.path)
-    return {"kind": ckpt.kind, **ident, "tokenizer": {"path": str(ckpt.tokenizer_dir.resolve()),
-                                                       "sha256": ckpt.tokenizer_sha256}}
+    return {"kind": ckpt.kind, **ident, "tokenizer": {"path": str(ckpt.tokenizer.path.resolve()),
+                                                       "sha256": ckpt.tokenizer.sha256}}
 
 
 # ----------------------------------------------------------------------------- parts

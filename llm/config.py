@@ -88,6 +88,13 @@ class UnifiedConfig:
     """The depth transformer."""
     projector_hidden: int = 0
     """Hidden width of both 2-layer GELU projectors (0 = the LLM's hidden size, as the release)."""
+    input_norm: bool = False
+    """Standardise both projectors' inputs per channel with statistics of the training data (measured once
+    when stage 2 starts, saved with the model). A random-init tokenizer's semantic features vary by ~2% of
+    their mean, so the projector would first have to learn a large gain before the LLM sees the image."""
+    image_pos_embed: bool = False
+    """Add a learned embedding of the grid position to each generation slot's input (the release relies on
+    the LLM's 1-D positions alone; a small random-init LLM learns the 2-D layout much faster with it)."""
     text_weight: float = 1.0
     """Weight of the text cross-entropy."""
     image_weight: float = 1.0
@@ -107,7 +114,8 @@ class UnifiedConfig:
 def preset(name: str) -> UnifiedConfig:
     """``tiny``, ``qwen2.5-1.5b`` or ``qwen2.5-7b`` (see module docstring)."""
     if name == "tiny":
-        return UnifiedConfig(freeze_llm=False, sampler=SamplerConfig(cfg_scale=3.0, top_k=0, top_p=1.0))
+        return UnifiedConfig(freeze_llm=False, input_norm=True, image_pos_embed=True,
+                             sampler=SamplerConfig(cfg_scale=3.0, top_k=0, top_p=1.0))
     ref_depth = DepthConfig(layers=6, width=2560, heads=40, dropout=0.1)
     if name == "qwen2.5-1.5b":
         return UnifiedConfig(llm=LLMConfig(pretrained="models/Qwen2.5-1.5B-Instruct"), depth=ref_depth)

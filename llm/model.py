@@ -104,6 +104,10 @@ class UnifiedModel(nn.Module):
         self.gen_projector = Projector(dims.code_dim, hid, H)
         self.depth = DepthTransformer(cfg.depth, H, dims.code_dim, dims.depth_pix, dims.codebook_size)
         self.register_buffer("codebooks", torch.zeros(dims.depth_pix, dims.codebook_size, dims.code_dim))  # (L, K, D)
+        self.gen_pos = nn.Parameter(torch.zeros(dims.grid ** 2, H)) if cfg.image_pos_embed else None  # (N, H)
+        if cfg.input_norm:  # per-channel (mean, std) of the projector inputs; identity until set_input_stats
+            self.register_buffer("und_stats", torch.stack([torch.zeros(dims.sem_dim), torch.ones(dims.sem_dim)]))
+            self.register_buffer("gen_stats", torch.stack([torch.zeros(dims.code_dim), torch.ones(dims.code_dim)]))
         self._row_mask_hooks: list = []
 
     def _apply(self, fn, recurse: bool = True):
@@ -145,14 +149,38 @@ class UnifiedModel(nn.Module):
         self.llm.config.use_cache = False
 
     # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def set_input_stats(self, und_feats: Tensor, gen_codes: Tensor) -> None:
+        """Measure the projector-input statistics (``input_norm``) on data: und_feats (n, N, C) semantic
+        features, gen_codes (n, N, L_pix). Every rank must pass the same data."""
+        for name, x in (("und_stats", und_feats.float()), ("gen_stats", self.code_vectors(gen_codes).sum(-2))):
+            x = x.flatten(0, -2)  # (rows, channels)
+            getattr(self, name).copy_(torch.stack([x.mean(0), x.std(0).clamp(min=1e-6)]))
+
+    def _standardize(self, x: Tensor, name: str) -> Tensor:
+        if not self.cfg.input_norm:
+            return x
+        stats = getattr(self, name).to(x.dtype)
+        return (x - stats[0]) / stats[1]
+
+    def und_inputs(self, feats: Tensor) -> Tensor:
+        """Semantic-decoder features (..., C) -> LLM inputs (..., H) of understanding slots."""
+        w = self.und_projector.net[0].weight
+        return self.und_projector(self._standardize(feats.to(w.dtype), "und_stats"))
+
     def code_vectors(self, codes: Tensor) -> Tensor:
         """codes (..., L) -> per-depth code vectors (..., L, D) from the frozen codebooks (float32)."""
         return torch.stack([self.codebooks[d][codes[..., d]] for d in range(codes.shape[-1])], -2)
 
-    def gen_inputs(self, codes: Tensor) -> Tensor:
-        """codes (..., L_pix) -> LLM inputs (..., H): gen_projector of the summed code vectors."""
+    def gen_inputs(self, codes: Tensor, position: int | None = None) -> Tensor:
+        """LLM inputs (..., H) of generation slots: gen_projector of the summed code vectors, plus the slot's
+        grid-position embedding when configured. codes (..., N, L_pix) covers whole images; with
+        ``position`` set, codes (M, L_pix) are the codes of that one grid position."""
         f = self.code_vectors(codes).sum(-2)  # (..., D)
-        return self.gen_projector(f.to(self.gen_projector.net[0].weight.dtype))
+        x = self.gen_projector(self._standardize(f.to(self.gen_projector.net[0].weight.dtype), "gen_stats"))
+        if self.gen_pos is None:
+            return x
+        return x + (self.gen_pos if position is None else self.gen_pos[position]).to(x.dtype)
 
     def embed(self, input_ids: Tensor, kind: Tensor, und_feats: Tensor | None = None,
               gen_codes: Tensor | None = None) -> Tensor:
@@ -161,7 +189,7 @@ class UnifiedModel(nn.Module):
         emb = self.llm.get_input_embeddings()(input_ids)  # (B, T, H)
         # Empty (0, N, ...) inputs still run the projector: under ZeRO-3 every rank must call the same modules.
         if und_feats is not None:
-            x = self.und_projector(und_feats.to(emb.dtype)).reshape(-1, emb.shape[-1])  # (n_u * N, H)
+            x = self.und_inputs(und_feats).reshape(-1, emb.shape[-1])  # (n_u * N, H)
             emb = emb.masked_scatter((kind == UND).unsqueeze(-1), x.to(emb.dtype))
         if gen_codes is not None:
             x = self.gen_inputs(gen_codes).reshape(-1, emb.shape[-1])  # (n_g * N, H)
@@ -253,7 +281,8 @@ class UnifiedModel(nn.Module):
         llm = AutoModelForCausalLM.from_pretrained(str(src / LLM_DIR), dtype=dtype,
                                                    attn_implementation=attn_implementation(cfg.llm, device),
                                                    trust_remote_code=cfg.llm.trust_remote_code)
-        model = cls(dataclasses.replace(cfg, depth=saved.depth, projector_hidden=saved.projector_hidden), llm,
+        model = cls(dataclasses.replace(cfg, depth=saved.depth, projector_hidden=saved.projector_hidden,
+                                        image_pos_embed=saved.image_pos_embed, input_norm=saved.input_norm), llm,
                     Dims(**meta["dims"]))
         state = load_file(str(src / HEADS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)

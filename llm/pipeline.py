@@ -5,11 +5,13 @@
     pipe.answer([images[0]], ["Is there a red circle in the image? Please answer yes or no."])
 
 The export references its frozen EvoTok tokenizer by path and sha256; a tokenizer whose weights differ
-is refused (pass ``tokenizer_dir`` when the directory moved).
+is refused (pass ``tokenizer_dir`` when the directory moved). :func:`resolve_tokenizer` is that check, shared
+by the pipeline, the evaluation runner and the ``unimllm`` CLI.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,39 @@ def tokenizer_reference(tokenizer_dir: str | Path) -> dict:
     return {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir)}
 
 
+@dataclass(frozen=True)
+class ResolvedTokenizer:
+    """The EvoTok tokenizer of a unified export, checked against the export's reference (see resolve_tokenizer)."""
+
+    path: Path
+    """Its directory (``config.json`` + ``model.safetensors``)."""
+    sha256: str
+    """sha256 of its ``model.safetensors``, equal to the one the export records."""
+
+
+def resolve_tokenizer(export_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
+                      field: str = "tokenizer_dir") -> ResolvedTokenizer:
+    """The tokenizer the unified export ``export_dir`` was trained with: ``tokenizer_dir`` when given (the
+    export's reference moved), else the path the export references. Refused unless it is an EvoTok export
+    whose ``model.safetensors`` has the recorded sha256 (hashed once, here). Errors name ``field`` (the
+    argument or config key that overrides the tokenizer)."""
+    from tokenizer.model import is_tokenizer_dir
+
+    src = Path(export_dir)
+    ref = read_meta(src)["tokenizer"]  # FileNotFoundError / ValueError when src is not a unified export
+    tdir = Path(tokenizer_dir or ref["path"])
+    if not is_tokenizer_dir(tdir):
+        if tokenizer_dir:
+            raise FileNotFoundError(f"{field}: {tdir} is not an EvoTok export (config.json + model.safetensors)")
+        raise FileNotFoundError(f"{src}: its tokenizer {tdir} is missing or not an EvoTok export (config.json + "
+                                f"model.safetensors); pass {field} if it moved")
+    sha = tokenizer_fingerprint(tdir)
+    if sha != ref["sha256"]:
+        raise ValueError(f"{field}: {tdir} is not the tokenizer {src} was trained with "
+                         f"(sha256 {sha[:12]}... != {ref['sha256'][:12]}...)")
+    return ResolvedTokenizer(tdir, sha)
+
+
 class UnifiedPipeline:
     """A unified model + its frozen EvoTok tokenizer + its text tokenizer, in eval mode."""
 
@@ -41,20 +76,19 @@ class UnifiedPipeline:
         self.transform = ImageTransform(ImageConfig(resolution=size, crop="center"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
+    def from_pretrained(cls, directory: str | Path, *, tokenizer_dir: str | Path | ResolvedTokenizer | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> UnifiedPipeline:
+        """Load a unified export and its tokenizer. ``tokenizer_dir``: where the tokenizer is when the export's
+        reference moved, or a :class:`ResolvedTokenizer` already checked (not hashed again)."""
         from tokenizer.model import EvoTokenizer
 
         src = Path(directory)
-        ref = read_meta(src)["tokenizer"]
-        tdir = Path(tokenizer_dir or ref["path"])
-        if not (tdir / "model.safetensors").is_file():
-            raise FileNotFoundError(f"tokenizer_dir: {tdir} has no model.safetensors (the export references "
-                                    f"{ref['path']}; pass tokenizer_dir if it moved)")
-        if tokenizer_fingerprint(tdir) != ref["sha256"]:
-            raise ValueError(f"tokenizer_dir: {tdir} is not the tokenizer {src} was trained with (sha256 differs)")
+        tok_ref = tokenizer_dir if isinstance(tokenizer_dir, ResolvedTokenizer) else resolve_tokenizer(src, tokenizer_dir)
+        if tok_ref.sha256 != read_meta(src)["tokenizer"]["sha256"]:
+            raise ValueError(f"tokenizer_dir: {tok_ref.path} is not the tokenizer {src} was trained with (resolved "
+                             "for another export)")
         model = UnifiedModel.from_pretrained(src, device=device, dtype=dtype).eval()
-        tok = EvoTokenizer.from_pretrained(tdir, with_teacher=False, device=device)
+        tok = EvoTokenizer.from_pretrained(tok_ref.path, with_teacher=False, device=device)
         text_tok, _ = load_text_tokenizer(src / TEXT_TOKENIZER_DIR, "text_tokenizer")
         return cls(model, tok, text_tok)
 

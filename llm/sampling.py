@@ -62,7 +62,7 @@ def sample_codes(model, prompts: list[list[int]], uncond: list[int] | None, samp
     for t in range(N):
         k = _depth_sample(model, h, B, guided, sampler, gens, cache)  # (B, L)
         codes.append(k)
-        x = model.gen_inputs(torch.cat([k, k]) if guided else k).unsqueeze(1).to(emb.dtype)  # (M, 1, H)
+        x = model.gen_inputs(torch.cat([k, k]) if guided else k, position=t).unsqueeze(1).to(emb.dtype)  # (M, 1, H)
         am = torch.cat([am, am.new_ones(len(rows), 1)], 1)
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
         if t == N - 1:

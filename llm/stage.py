@@ -47,21 +47,37 @@ class MixConfig:
     """Fraction of records usable both ways (a conversation and a prompt) that become generation samples."""
     prompt_keys: list[str] = field(default_factory=lambda: ["prompt", "caption"])
     """JSON fields a generation prompt is read from (the first present)."""
+    caption_prob: float = 0.0
+    """Generation samples conditioned on the record's ``caption`` (a full description: every object's colour,
+    counts, coarse positions) instead of its first ``prompt_keys`` field. A short prompt says little about
+    the codes, so the image loss barely rewards reading it; captions make text-following pay."""
     uncond_prob: float = 0.1
     """Generation samples whose prompt is replaced by "" (trains the unconditional branch of CFG)."""
     single_turn_prob: float = 0.0
     """Understanding samples cut to one random question/answer turn asked right after the image (so a
     question is also seen as the first turn, as benchmarks ask it)."""
+    shuffle_turns: bool = False
+    """Understanding samples get their (question, answer) pairs in a random order, the image moved to the
+    first question. With a fixed order ("Describe the image." first), every later question can be answered
+    by copying from the description, and the model never learns to answer one from the image itself."""
     max_length: int = 2048
     """Longest sequence; longer ones are cut after their image, or dropped (counted) if the cut hits it."""
     group_batches: int = 8
     """Length grouping: sort this many micro-batches' samples by length and re-batch them (1 = off)."""
+    split_tasks: bool = False
+    """Every micro-batch keeps the understanding/generation mix (length-grouped within each task) and runs as
+    one forward per task, each padded to its own longest sample, and one backward. Plain length grouping
+    makes micro-batches of one task each; alternating them, the tiny model learned generation 3-4x slower
+    per step (docs/results.md), and mixing them without grouping pads every generation row to an
+    understanding row's length (1.6x slower steps)."""
     image_source: Literal["auto", "codes", "images"] = "auto"
     """auto: precomputed codes.npy when the shards have a codes_manifest.json, else encode images on the fly."""
 
     def validate(self) -> None:
-        if not 0 <= self.generation_ratio <= 1 or not 0 <= self.uncond_prob < 1 or not 0 <= self.single_turn_prob <= 1:
-            raise ConfigError("generation_ratio", "generation_ratio and single_turn_prob in [0, 1], uncond_prob in [0, 1)")
+        if not all(0 <= p <= 1 for p in (self.generation_ratio, self.single_turn_prob, self.caption_prob)) \
+                or not 0 <= self.uncond_prob < 1:
+            raise ConfigError("generation_ratio", "generation_ratio, single_turn_prob and caption_prob in [0, 1], "
+                                                  "uncond_prob in [0, 1)")
         if self.group_batches < 1 or self.max_length < 8:
             raise ConfigError("group_batches", "group_batches >= 1 and max_length >= 8")
 
@@ -150,18 +166,39 @@ class SequenceSample:
             raise SampleError(BAD_RECORD, f"no conversation with {IMAGE_TOKEN} and no prompt ({self.mix.prompt_keys})")
         generate = can_gen and (not can_und or rng.random() < self.mix.generation_ratio)
         if not generate:
-            return self.single_turn(conv, rng) if rng.random() < self.mix.single_turn_prob else conv
+            if rng.random() < self.mix.single_turn_prob:
+                return self.single_turn(conv, rng)
+            return self.shuffled_turns(conv, rng) if self.mix.shuffle_turns else conv
         if not gen_conv:
+            if self.mix.caption_prob and isinstance(meta.get("caption"), str) and rng.random() < self.mix.caption_prob:
+                prompt = meta["caption"]
             conv = [{"from": "human", "value": prompt}, {"from": "gpt", "value": IMAGE_TOKEN}]
         if rng.random() < self.mix.uncond_prob:
             conv = [{"from": "human", "value": ""}, *conv[-1:]]
         return conv
 
     @staticmethod
-    def single_turn(conv: list[dict], rng: np.random.Generator) -> list[dict]:
+    def _pairs(conv: list[dict]) -> list[int]:
+        """Indices i of the (human, gpt) turn pairs (conv[i], conv[i + 1])."""
+        return [i for i in range(len(conv) - 1) if conv[i].get("from") in ("human", "user")
+                and conv[i + 1].get("from") in ("gpt", "assistant")]
+
+    @classmethod
+    def shuffled_turns(cls, conv: list[dict], rng: np.random.Generator) -> list[dict]:
+        """``conv``'s (human, gpt) pairs in a random order, ``<image>`` in front of the first question (other
+        turns, e.g. a system prompt, keep their place in front)."""
+        pairs = cls._pairs(conv)
+        paired = {j for i in pairs for j in (i, i + 1)}
+        out = [t for j, t in enumerate(conv) if j not in paired]
+        for n, i in enumerate(rng.permutation(pairs)):
+            question = conv[i]["value"].replace(IMAGE_TOKEN, "").strip()
+            out += [{**conv[i], "value": f"{IMAGE_TOKEN}\n{question}" if n == 0 else question}, conv[i + 1]]
+        return out
+
+    @classmethod
+    def single_turn(cls, conv: list[dict], rng: np.random.Generator) -> list[dict]:
         """One random (human, gpt) pair of ``conv`` with the image moved in front of its question."""
-        pairs = [i for i in range(len(conv) - 1) if conv[i].get("from") in ("human", "user")
-                 and conv[i + 1].get("from") in ("gpt", "assistant")]
+        pairs = cls._pairs(conv)
         i = pairs[int(rng.integers(len(pairs)))]
         question = conv[i]["value"].replace(IMAGE_TOKEN, "").strip()
         return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, conv[i + 1]]
@@ -198,6 +235,44 @@ def collate_sequences(samples: list[dict], pad_id: int) -> dict:
     return out
 
 
+def task_parts(batch: dict) -> list[dict]:
+    """A collated batch -> its generation rows and its understanding rows as two batches (absent ones left
+    out), each cut to its own longest sequence (the batch is right-padded)."""
+    gen = (batch["kind"] == GEN).any(1)  # (B,)
+    parts = []
+    for rows in (gen, ~gen):
+        if not rows.any():
+            continue
+        T = int(batch["attention_mask"][rows].sum(1).max())
+        part = {"__key__": [k for k, r in zip(batch["__key__"], rows.tolist()) if r]}
+        for key, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                part[key] = v[rows][:, :T] if key in ("input_ids", "targets", "kind", "attention_mask") else v[rows]
+        parts.append(part)
+    return parts
+
+
+def merge_outputs(outs: list[dict], text_weight: float, image_weight: float) -> dict:
+    """Forward outputs of a batch's parts -> the whole batch's: text and image CE averaged over all their
+    tokens / codes (as one forward of the whole batch would), their weighted sum as the loss."""
+    if len(outs) == 1:
+        return outs[0]
+    out: dict[str, torch.Tensor] = {}
+    loss = sum(0.0 * o["loss"] for o in outs)  # keeps every part's graph (all parameters get a gradient)
+    for name, count, weight in (("text", "text_tokens", text_weight), ("image", "image_codes", image_weight)):
+        have = [o for o in outs if f"{name}_loss" in o]
+        if not have:
+            continue
+        n = sum(o[count] for o in have)
+        for k in [k for k in have[0] if k.startswith(f"{name}_") and k != count]:  # loss, acc, per-depth losses
+            out[k] = sum(o[k] * o[count] for o in have) / n
+        loss = loss + weight * out[f"{name}_loss"]
+    out["loss"] = loss
+    out["text_tokens"] = sum(o["text_tokens"] for o in outs)
+    out["image_codes"] = sum(o["image_codes"] for o in outs)
+    return out
+
+
 def codes_match_tokenizer(shards: list[str], tokenizer_dir: str) -> bool | None:
     """True when every shard's codes came from this tokenizer, False (with the reason raised) when some did
     not, None when no shard has a codes manifest."""
@@ -231,39 +306,74 @@ class Stage2Task(Task):
         return load_text_tokenizer(out, "text_tokenizer (trained by stage 2)")
 
     def setup(self, dist: DistInfo) -> None:
+        self.dist, self.device = dist, dist.device
+        self.shards = [p for s in self.cfg.data.sources for p in expand_shards(s.shards)]
+        self.build_model()
+        self.build_data()
+
+    def load_tokenizer(self, tdir: Path, field_: str) -> None:
+        """The frozen stage-1 tokenizer (``self.tokenizer``, ``self.tokenizer_dir``); errors name ``field_``."""
         from tokenizer.model import EvoTokenizer
 
-        cfg, self.dist, self.device = self.cfg, dist, dist.device
-        tdir = Path(cfg.model.tokenizer)
         if not (tdir / "model.safetensors").is_file():
-            raise FileNotFoundError(f"model.tokenizer: {tdir} is not a stage-1 tokenizer export (no model.safetensors); "
+            raise FileNotFoundError(f"{field_}: {tdir} is not a stage-1 tokenizer export (no model.safetensors); "
                                     "run `make stage1` or point it at one")
+        self.tokenizer_dir = tdir
         self.tokenizer = EvoTokenizer.from_pretrained(tdir, with_teacher=False, device=self.device).eval()
         self.tokenizer.requires_grad_(False)
-        if cfg.data.image.resolution != self.tokenizer.cfg.encoder.image_size:
-            raise ConfigError("data.image.resolution", f"{cfg.data.image.resolution} != the tokenizer's image size "
+        res = self.cfg.data.image.resolution
+        if res != self.tokenizer.cfg.encoder.image_size:
+            raise ConfigError("data.image.resolution", f"{res} != the tokenizer's image size "
                                                        f"{self.tokenizer.cfg.encoder.image_size}")
-        self.shards = [p for s in cfg.data.sources for p in expand_shards(s.shards)]
+
+    def build_model(self) -> None:
+        """Tokenizer, text tokenizer, a fresh unified model and its optimizer param groups (stage 3 overrides)."""
+        cfg = self.cfg
+        self.load_tokenizer(Path(cfg.model.tokenizer), "model.tokenizer")
         self.text_tokenizer, added = self._text_tokenizer()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" and cfg.model.llm.pretrained else None
         self.model = build_unified(cfg.model, self.text_tokenizer, added, self.tokenizer, dtype=dtype,
                                    device=self.device).to(self.device)
+        if cfg.model.input_norm:
+            self._measure_input_stats()
         if cfg.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.param_groups = self.model.configure_trainable()
+
+    @torch.no_grad()
+    def _measure_input_stats(self, n: int = 512) -> None:
+        """``model.input_norm``: projector-input statistics of the first ``n`` records of the first training
+        shard, read in order (identical on every rank)."""
+        codes: list[torch.Tensor] = []
+        for batch in eval_loader(self.shards[0], 128, self.cfg.data.image.resolution):
+            codes.append(self._codes(batch))
+            if sum(len(c) for c in codes) >= n:
+                break
+        c = torch.cat(codes)[:n]  # (n, h, w, L_sem)
+        self.model.set_input_stats(self.tokenizer.semantic_features(c), c[..., : self.model.dims.depth_pix].flatten(1, 2))
+
+    def sequence_sample(self) -> SequenceSample:
+        """The map function record -> training sequence (stage 3 builds instruction conversations)."""
+        return SequenceSample(self.encoder, self.cfg.mix, self.cfg.data.image, self.use_codes)
+
+    def build_data(self) -> None:
+        """Conversation encoder, codes or images, and the length-grouped micro-batches (reads ``cfg.mix``'s
+        max_length, image_source and group_batches)."""
+        cfg, dist = self.cfg, self.dist
         self.encoder = ConversationEncoder(self.text_tokenizer, self.model.image_positions, cfg.mix.max_length)
-        match = codes_match_tokenizer(self.shards, str(tdir)) if cfg.mix.image_source != "images" else None
+        match = codes_match_tokenizer(self.shards, str(self.tokenizer_dir)) if cfg.mix.image_source != "images" else None
         if cfg.mix.image_source == "codes" and match is None:
             raise ConfigError("mix.image_source", "codes requested but the shards have no codes_manifest.json")
         self.use_codes = bool(match)
         self.pad_id = self.model.dims.token_ids["pad"]
         mb, group = cfg.data.batch_size, cfg.mix.group_batches
-        mapper = SequenceSample(self.encoder, cfg.mix, cfg.data.image, self.use_codes)
         loader = StreamingLoader(replace(cfg.data, batch_size=mb * group), rank=dist.rank,
-                                 world_size=dist.world_size, map_fn=mapper, collate_fn=list)
+                                 world_size=dist.world_size, map_fn=self.sequence_sample(), collate_fn=list)
         self.loader = loader
+        task = (lambda s: bool((s["kind"] == GEN).any())) if cfg.mix.split_tasks else None
         self.batches = LengthGroupedBatches(loader, mb, lambda s: len(s["input_ids"]),
-                                            lambda s: collate_sequences(s, self.pad_id), seed=cfg.data.seed)
+                                            lambda s: collate_sequences(s, self.pad_id), seed=cfg.data.seed,
+                                            stratum=task)
 
     def optimizers(self):
         return {"unified": (self.model, self.cfg.optim.build(self.param_groups, self.device))}
@@ -295,13 +405,16 @@ class Stage2Task(Task):
 
     def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:
         engine = engines["unified"]
-        inputs = self._inputs(batch)
-        out = engine(**inputs)
+        parts = task_parts(batch) if self.cfg.mix.split_tasks else [batch]
+        with self.forward_context():
+            outs = [engine(**self._inputs(part)) for part in parts]
+        out = merge_outputs(outs, self.model.cfg.text_weight, self.model.cfg.image_weight)
         engine.backward(out["loss"])
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items() if k not in ("text_tokens", "image_codes")}
-        metrics["gen_fraction"] = float((inputs["kind"] == GEN).any(1).float().mean())
-        metrics["pad_fraction"] = 1.0 - float(inputs["attention_mask"].float().mean())
+        metrics["gen_fraction"] = float((batch["kind"] == GEN).any(1).float().mean())
+        metrics["pad_fraction"] = 1.0 - sum(float(p["attention_mask"].sum()) for p in parts) / sum(
+            p["attention_mask"].numel() for p in parts)
         return metrics
 
     def count(self, batch: Any) -> dict[str, int]:
@@ -313,7 +426,9 @@ class Stage2Task(Task):
         if self._flops is None:
             from torch.utils.flop_counter import FlopCounterMode
 
-            with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            # its own RNG: dropout here must not shift the training draws (a resumed run counts at another step)
+            with torch.random.fork_rng(devices=cuda), torch.no_grad(), FlopCounterMode(display=False) as fc:
                 self.model(**self._inputs(batch))
             self._flops = 3.0 * fc.get_total_flops() / max(tokens, 1)
         return self._flops * tokens
@@ -426,8 +541,13 @@ class Stage2Task(Task):
                 for i in range(0, len(imgs), cols)]
         return {"val/generated": Image.fromarray(np.concatenate(rows, 0))}
 
+    def export_model(self):
+        """The module to save, on every rank inside the parameter gather (stage 3: LoRA merged)."""
+        return self.model
+
     def export(self, engines: dict[str, Any], out_dir: Path) -> None:
         with gathered_parameters(self.model, self.cfg.train.zero_stage):
+            model = self.export_model()
             if self.dist.is_main:
-                self.model.save_pretrained(out_dir / "unified", tokenizer_ref=tokenizer_reference(self.cfg.model.tokenizer),
-                                           text_tokenizer=self.text_tokenizer)
+                model.save_pretrained(out_dir / "unified", tokenizer_ref=tokenizer_reference(self.tokenizer_dir),
+                                      text_tokenizer=self.text_tokenizer)

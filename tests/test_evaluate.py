@@ -11,23 +11,15 @@ from pathlib import Path
 import evaluate  # launch/ is on pytest's pythonpath
 import numpy as np
 import pytest
-import torch
-from conftest import ROOT, deepspeed_launch
+from conftest import ROOT, deepspeed_launch, save_tiny_tokenizer, save_tiny_unified
 from PIL import Image
 
 from data.shapes_cli import DatasetConfig, write_dataset
 from eval.geneval import SEED_RULE, read_prompts, sample_seed
 from eval.geneval_shapes import TAGS
 from eval.runner import generate_images
-from llm.config import DepthConfig, LLMConfig, SamplerConfig, UnifiedConfig
-from llm.model import build_unified
-from llm.pipeline import UnifiedPipeline, tokenizer_reference
-from llm.text_tokenizer import train_text_tokenizer
-from tokenizer.config import preset
-from tokenizer.model import EvoTokenizer
+from llm.pipeline import UnifiedPipeline
 
-TEXTS = ["a photo of a red circle", "Is there a blue square in the image? Please answer yes or no.", "Yes", "No",
-         "a photo of two green triangles", "a photo of a circle left of a square"] * 20
 QUICK = ["--log.wandb_mode", "disabled", "--device", "cpu", "--threads", "1"]
 
 
@@ -37,19 +29,8 @@ def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval_world")
     write_dataset(DatasetConfig(out=str(out / "shapes"), n=0, n_val=12, shard_size=12, workers=1, geneval_per_tag=2),
                   log=lambda *_: None)
-    torch.manual_seed(0)
-    tcfg = preset("tiny")
-    tcfg.pixel_decoder.channels, tcfg.pixel_decoder.z_channels = 16, 16
-    tcfg.quantizer.codebook_size = 64
-    tok = EvoTokenizer(tcfg, with_teacher=False).eval()
-    tok.save_pretrained(out / "run1" / "export" / "tokenizer")
-    text_tok = train_text_tokenizer(TEXTS, 300)
-    ucfg = UnifiedConfig(llm=LLMConfig(arch="qwen2", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                       intermediate_size=64), depth=DepthConfig(layers=1, width=32, heads=4),
-                         freeze_llm=False, sampler=SamplerConfig(cfg_scale=3.0, top_k=0, top_p=1.0))
-    model = build_unified(ucfg, text_tok, [], tok)
-    model.save_pretrained(out / "run2" / "export" / "unified", text_tokenizer=text_tok,
-                          tokenizer_ref=tokenizer_reference(out / "run1" / "export" / "tokenizer"))
+    tok = save_tiny_tokenizer(out / "run1" / "export" / "tokenizer")
+    save_tiny_unified(out / "run2" / "export" / "unified", tok, out / "run1" / "export" / "tokenizer")
     return out
 
 

@@ -106,7 +106,7 @@ def test_splicing_loss_and_teacher_forcing(evo, text_tok, arch):
     tok_emb = model.llm.get_input_embeddings()(b["input_ids"])
     kind = b["kind"]
     assert torch.equal(emb[kind == TEXT], tok_emb[kind == TEXT])
-    assert torch.allclose(emb[kind == UND], model.und_projector(b["und_feats"]).flatten(0, 1))
+    assert torch.allclose(emb[kind == UND], model.und_inputs(b["und_feats"]).flatten(0, 1))
     assert torch.allclose(emb[kind == GEN], model.gen_inputs(b["gen_codes"]).flatten(0, 1))
 
     out = model(**b)
@@ -139,9 +139,12 @@ def test_splicing_loss_and_teacher_forcing(evo, text_tok, arch):
     assert not torch.allclose(h2[1][g][5], h[1][g][5])
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_cached_sampling_equals_uncached(evo, text_tok, arch):
-    model = build(evo, text_tok, arch, sampler=SamplerConfig(cfg_scale=2.5, temperature=1.0, top_k=20, top_p=0.9))
+@pytest.mark.parametrize("arch,pos", [("qwen2", False), ("llama", False), ("qwen2", True)])
+def test_cached_sampling_equals_uncached(evo, text_tok, arch, pos):
+    model = build(evo, text_tok, arch, sampler=SamplerConfig(cfg_scale=2.5, temperature=1.0, top_k=20, top_p=0.9),
+                  image_pos_embed=pos)
+    if pos:  # the grid-position embedding starts at zero; make it matter
+        torch.nn.init.normal_(model.gen_pos, std=1.0)
     model = model.double().eval()
     pipe = UnifiedPipeline(model, evo, text_tok)
     prompts = ["a photo of a red circle", "a photo of three green squares", ""]
@@ -155,7 +158,19 @@ def test_cached_sampling_equals_uncached(evo, text_tok, arch):
 
 
 def test_save_load_roundtrip_and_tokenizer_check(evo, text_tok, tmp_path):
-    model = build(evo, text_tok, "qwen2").eval()
+    model = build(evo, text_tok, "qwen2", image_pos_embed=True, input_norm=True).eval()
+    torch.nn.init.normal_(model.gen_pos)
+    data = torch.randint(0, 64, (8, 4, 4, 6))  # (n, h, w, L_sem)
+    feats = evo.semantic_features(data)
+    model.set_input_stats(feats, data[..., :3].flatten(1, 2))
+    z = model._standardize(feats, "und_stats").flatten(0, 1)  # the measured data comes out standardised
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
+    codes = torch.randint(0, 64, (2, 16, 3))  # (n, N, L): every slot adds its own grid position's embedding
+    ref = model.gen_projector(model._standardize(model.code_vectors(codes).sum(-2), "gen_stats")) + model.gen_pos
+    torch.testing.assert_close(model.gen_inputs(codes), ref)
+    torch.testing.assert_close(model.gen_inputs(codes[:, 5], position=5), ref[:, 5])  # one position (sampling)
+
     evo.save_pretrained(tmp_path / "tok")
     model.save_pretrained(tmp_path / "m", tokenizer_ref=tokenizer_reference(tmp_path / "tok"), text_tokenizer=text_tok)
     pipe = UnifiedPipeline.from_pretrained(tmp_path / "m")
@@ -188,3 +203,42 @@ def test_frozen_llm_trains_only_heads_and_new_token_rows(evo, text_tok):
     assert llm_changed == []
     assert not torch.equal(after["depth.in_h.weight"], before["depth.in_h.weight"])
     assert torch.equal(after["codebooks"], evo.quantizer.codebook[:3])
+
+
+def test_task_parts_give_the_whole_batch_loss_and_gradient(evo, text_tok):
+    """mix.split_tasks: one forward per task on its own rows (each cut to its own length) merges into exactly
+    the loss and gradients of one forward over the whole padded batch."""
+    from llm.stage import collate_sequences, merge_outputs, task_parts
+
+    model = build(evo, text_tok, "qwen2", image_pos_embed=True).double().train()
+    enc = ConversationEncoder(text_tok, model.image_positions, 512)
+    convs = [UND_CONV, GEN_CONV, UND_CONV[:3], GEN_CONV]
+    torch.manual_seed(3)
+    samples = []
+    for i, c in enumerate(convs):
+        e = enc.encode(c)
+        samples.append({"__key__": str(i), "input_ids": e.input_ids, "targets": e.targets, "kind": e.kind,
+                        "codes": torch.randint(0, 64, (4, 4, 6)).numpy()})
+    b = collate_sequences(samples, 0)
+
+    def inputs(x):
+        gen, und = (x["kind"] == GEN).any(1), (x["kind"] == UND).any(1)
+        return dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"], targets=x["targets"], kind=x["kind"],
+                    und_feats=evo.semantic_features(x["codes"][und]).double() if und.any() else None,
+                    gen_codes=x["codes"][gen][..., :3].flatten(1, 2))
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole = model(**inputs(b))
+    parts = task_parts(b)
+    assert len(parts) == 2 and parts[0]["input_ids"].shape[1] < b["input_ids"].shape[1]  # generation rows: shorter
+    merged = merge_outputs([model(**inputs(p)) for p in parts], 1.0, 1.0)
+    for k in ("loss", "text_loss", "image_loss", "image_loss_d2"):
+        torch.testing.assert_close(merged[k].double(), whole[k].double(), rtol=1e-6, atol=1e-7)  # CE runs in fp32
+    g_whole = grads(model(**inputs(b))["loss"])
+    g_merged = grads(merge_outputs([model(**inputs(p)) for p in parts], 1.0, 1.0)["loss"])
+    for a, c in zip(g_whole, g_merged):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)

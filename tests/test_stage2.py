@@ -8,14 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import stage2  # launch/ is on pytest's pythonpath
-from conftest import deepspeed_launch
+from conftest import deepspeed_launch, save_tiny_tokenizer
 
-from data.precompute_codes import precompute
-from data.shapes_cli import DatasetConfig, write_dataset
-from tokenizer.config import preset
-from tokenizer.model import EvoTokenizer
 from unimllm.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +24,9 @@ SMALL = ["--model.llm.hidden_size", "32", "--model.llm.num_layers", "2", "--mode
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """Shapes shards (train + val + GenEval prompts), a small random tokenizer, and codes precomputed with it."""
-    out = tmp_path_factory.mktemp("world")
-    write_dataset(DatasetConfig(out=str(out / "shapes"), n=48, n_val=16, shard_size=16, workers=0, geneval_per_tag=2),
-                  log=lambda *_: None)
-    cfg = preset("tiny")
-    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
-    cfg.quantizer.codebook_size = 64
-    EvoTokenizer(cfg, with_teacher=False).save_pretrained(out / "tok")
-    summary = precompute(out / "tok", str(out / "shapes/train/shapes-train-{000000..000002}.tar"), out / "codes")
-    assert summary["samples"] == 48
-    return out
+def world(stage2_world) -> Path:
+    """Shapes shards, a small random tokenizer and codes precomputed with it (conftest.stage2_world)."""
+    return stage2_world
 
 
 def args(world: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -82,10 +70,7 @@ def test_stage2_in_process_artefacts_and_exact_resume(world, tmp_path):
 
 
 def test_stage2_refuses_codes_from_another_tokenizer(world, tmp_path):
-    cfg = preset("tiny")
-    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
-    cfg.quantizer.codebook_size = 64
-    EvoTokenizer(cfg, with_teacher=False).save_pretrained(tmp_path / "other")
+    save_tiny_tokenizer(tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="precomputed codes do not fit model.tokenizer"):
         stage2.main(args(world, tmp_path / "run", 1, "--model.tokenizer", str(tmp_path / "other")))
     with pytest.raises(FileNotFoundError, match="model.tokenizer"):
@@ -114,3 +99,54 @@ def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["shape"] == [64, 64, 3] and got["same"] and isinstance(got["answer"][0], str)
+
+
+def test_sequence_sample_turn_order_and_caption_prompts():
+    """shuffle_turns: every (question, answer) pair kept, in a random order, <image> in front of the first
+    question only; caption_prob: generation samples read the caption instead of the prompt at that rate."""
+    import numpy as np
+
+    from data.config import ImageConfig
+    from llm.stage import MixConfig, SequenceSample
+
+    conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."},
+            {"from": "human", "value": "Is the circle red?"}, {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "How many circles?"}, {"from": "gpt", "value": "One."}]
+    pairs = {("Describe the image.", "A red circle."), ("Is the circle red?", "Yes"), ("How many circles?", "One.")}
+    firsts = set()
+    for seed in range(12):
+        out = SequenceSample.shuffled_turns(conv, np.random.default_rng(seed))
+        assert [t["from"] for t in out] == ["human", "gpt"] * 3
+        assert out[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in out[1:])
+        got = {(out[i]["value"].replace("<image>\n", ""), out[i + 1]["value"]) for i in (0, 2, 4)}
+        assert got == pairs
+        firsts.add(out[1]["value"])
+    assert len(firsts) == 3  # each pair comes first for some seed
+
+    meta = {"prompt": "a photo of a red circle", "caption": "One object: a red circle in the center.",
+            "conversations": conv}
+    mapper = SequenceSample(None, MixConfig(generation_ratio=1.0, caption_prob=0.5, uncond_prob=0.0), ImageConfig(), True)
+    rng = np.random.default_rng(0)
+    prompts = [mapper.conversation(meta, rng)[0]["value"] for _ in range(400)]
+    assert set(prompts) == {meta["prompt"], meta["caption"]}
+    assert 0.4 < prompts.count(meta["caption"]) / 400 < 0.6
+
+
+def test_length_chunks_keep_the_task_mix():
+    """Plain grouping makes one-task micro-batches; stratified grouping keeps each micro-batch's mix of tasks
+    and sorts lengths within each task."""
+    from data.grouping import length_chunks
+
+    rng = np.random.default_rng(0)
+    task = [bool(t) for t in rng.random(64) < 0.6]
+    lengths = [int(rng.integers(60, 90)) if t else int(rng.integers(150, 320)) for t in task]
+    plain = length_chunks(lengths, 8)
+    assert sum(len({task[i] for i in c}) == 1 for c in plain) >= 6  # almost all one task
+    mixed = length_chunks(lengths, 8, task)
+    assert sorted(i for c in mixed for i in c) == list(range(64)) and len(mixed) == 8
+    n_gen = sum(task)
+    for c in mixed:
+        gen = [i for i in c if task[i]]
+        assert abs(len(gen) - n_gen / 8) <= 1 and abs(len(c) - 8) <= 2
+    und_runs = [sorted(lengths[i] for i in c if not task[i]) for c in mixed]
+    assert all(a[-1] >= b[0] for a, b in zip(und_runs, und_runs[1:]))  # contiguous runs, longest first

@@ -34,7 +34,20 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _skip_weight_init():
+def is_tokenizer_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` looks like a ``save_pretrained`` directory: ``model.safetensors`` and a
+    ``config.json`` describing a tokenizer (it has a ``quantizer`` section)."""
+    folder = Path(directory)
+    if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+        return False
+    try:
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+    except ValueError:
+        return False
+    return isinstance(cfg, dict) and "quantizer" in cfg
+
+
+def skip_weight_init():
     """Context that skips random weight init (torch.nn.init and HF ``init_weights``) while building a model
     whose weights are loaded right after: SigLIP-L's init alone takes ~10 s per tower on CPU."""
     try:
@@ -197,7 +210,7 @@ class EvoTokenizer(nn.Module):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} not found (expected an EvoTokenizer.save_pretrained directory)")
         cfg = from_dict(TokenizerConfig, json.loads(cfg_path.read_text()), source=str(cfg_path))
-        with _skip_weight_init():  # every parameter and persistent buffer is overwritten below (strict)
+        with skip_weight_init():  # every parameter and persistent buffer is overwritten below (strict)
             model = cls(cfg, with_teacher=with_teacher)
         state = load_file(str(weights))
         if not with_teacher:

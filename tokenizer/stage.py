@@ -150,15 +150,17 @@ class Stage1Task(Task):
     def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:
         gen = engines["tokenizer"]
         x = normalize(batch["image"].to(self.device))  # (B, 3, H, W) in [-1, 1]
-        out = gen(x)
-        target = self.model.teacher_features(x) if self.cfg.loss.semantic_weight > 0 else None
-        loss, logs = self.loss.generator_loss(x, out.recon, out.commit_loss, out.sem_pred, target, step,
-                                              last_layer=self.model.pixel_decoder.last_layer)
+        with self.forward_context():
+            out = gen(x)
+            target = self.model.teacher_features(x) if self.cfg.loss.semantic_weight > 0 else None
+            loss, logs = self.loss.generator_loss(x, out.recon, out.commit_loss, out.sem_pred, target, step,
+                                                  last_layer=self.model.pixel_decoder.last_layer)
         gen.backward(loss)
         gen.step()
         if self.loss.gan_active(step):
             disc = engines["discriminator"]
-            d, dlogs = self.loss.discriminator_loss(x, out.recon, step)
+            with self.forward_context():
+                d, dlogs = self.loss.discriminator_loss(x, out.recon, step)
             disc.backward(d)
             disc.step()
             logs.update(dlogs)
