@@ -11,6 +11,8 @@ CONSTRAINTS := $(if $(filter 0,$(HAS_GPU)),-c constraints/cpu.txt,)
 STAMP  := $(VENV)/.installed-$(HAS_GPU)
 RUNS   ?= runs
 # make demo DEVICE=cuda runs the chain on a GPU.
+# `make stage2` trains longer than the demo's stage 2 (tiny.yaml: 1200 steps, what the 15-minute demo affords).
+STAGE2_STEPS ?= 3400
 DEVICE ?= $(if $(filter 1,$(HAS_GPU)),cuda,cpu)
 # Threads: never more than the cores we have (oversubscribing 2 cores made a prototype 8x slower).
 NPROC  := $(shell nproc 2>/dev/null || echo 1)
@@ -47,7 +49,7 @@ shapes: install
 # Stage 1 (tokenizer) on the shapes world, tiny preset, CPU; builds the shards first if absent.
 stage1: install
 	@test -f $(RUNS)/shapes/demo/manifest.json || $(MAKE) shapes
-	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny
+	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny --train.threads $(NPROC)
 
 # Stage 2 (one unified LLM) on the shapes world, tiny preset, CPU: the stage-1 tokenizer (built if absent),
 # its codes precomputed into runs/shapes/demo/codes (resumable; redone when the tokenizer changed), then training.
@@ -56,6 +58,7 @@ stage2: install
 	$(PY) -m data.precompute_codes --tokenizer $(RUNS)/stage1/tiny/export/tokenizer --no-progress \
 		--shards "$(RUNS)/shapes/demo/train/shapes-train-{000000..000003}.tar" --out $(RUNS)/shapes/demo/codes
 	$(PY) launch/stage2.py --config launch/configs/stage2/tiny.yaml --run.out_dir $(RUNS)/stage2/tiny --train.threads $(NPROC) \
+		--train.steps $(STAGE2_STEPS) \
 		--model.tokenizer $(RUNS)/stage1/tiny/export/tokenizer \
 		--data.sources.0.shards "$(RUNS)/shapes/demo/codes/shapes-train-{000000..000003}.tar" \
 		--val.shards $(RUNS)/shapes/demo/val/shapes-val-000000.tar \
