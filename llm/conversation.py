@@ -48,8 +48,9 @@ class Encoded:
         return "generation" if (self.kind == GEN).any() else "understanding"
 
 
-def to_messages(conversation: list[dict]) -> list[dict]:
-    """LLaVA ``from``/``value`` turns -> chat-template ``role``/``content`` messages (generation turns wrapped)."""
+def to_messages(conversation: list[dict], *, reply_next: bool = False) -> list[dict]:
+    """LLaVA ``from``/``value`` turns -> chat-template ``role``/``content`` messages (generation turns wrapped).
+    A training conversation ends with the assistant's turn; with ``reply_next`` it ends before it."""
     if not isinstance(conversation, list) or not conversation:
         raise SampleError(BAD_CONVERSATION, "conversations must be a non-empty list")
     out = []
@@ -60,8 +61,9 @@ def to_messages(conversation: list[dict]) -> list[dict]:
         if role == "assistant":
             text = text.replace(IMAGE_TOKEN, IM_START + IMAGE_TOKEN + IM_END)
         out.append({"role": role, "content": text})
-    if out[-1]["role"] != "assistant":
-        raise SampleError(BAD_CONVERSATION, "the last turn must be the assistant's")
+    if (out[-1]["role"] == "assistant") == reply_next:
+        raise SampleError(BAD_CONVERSATION, "the last turn must be the user's (a reply comes next)" if reply_next
+                          else "the last turn must be the assistant's")
     return out
 
 
@@ -136,12 +138,21 @@ class ConversationEncoder:
         text = self._render([{"role": "user", "content": prompt}], generation_prompt=True)
         return self._ids(text) + [self.im_start_id]
 
+    def reply_prompt(self, conversation: list[dict]) -> tuple[list[int], np.ndarray]:
+        """Ids and kinds of a conversation that ends with a user turn, + the assistant header: the model's reply
+        comes next. ``<image>`` in a user turn expands to UND slots, in an assistant turn (wrapped in
+        ``<im_start>``/``<im_end>``) to GEN slots."""
+        messages = to_messages(conversation, reply_next=True)
+        slot_kinds = [GEN if m["role"] == "assistant" else UND for m in messages
+                      for _ in range(m["content"].count(IMAGE_TOKEN))]
+        ids, kind = [], []
+        for t in self._ids(self._render(messages, generation_prompt=True)):
+            k, n = (slot_kinds.pop(0), self.n) if t == self.image_id else (TEXT, 1)
+            ids += [t] * n
+            kind += [k] * n
+        return ids, np.asarray(kind, np.int8)
+
     def understanding_prompt(self, question: str) -> tuple[list[int], np.ndarray]:
         """Ids and kinds of ``user: <image>\\nquestion`` + the assistant header (image slots expanded)."""
         q = question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
-        ids, kind = [], []
-        for t in self._ids(self._render([{"role": "user", "content": q}], generation_prompt=True)):
-            n = self.n if t == self.image_id else 1
-            ids += [t] * n
-            kind += [UND if t == self.image_id else TEXT] * n
-        return ids, np.asarray(kind, np.int8)
+        return self.reply_prompt([{"from": "human", "value": q}])

@@ -31,11 +31,11 @@ import torch
 from data.config import DataConfig
 from data.schema import SampleError
 from llm.config import UnifiedConfig
-from llm.conversation import GEN, TEXT
+from llm.conversation import ConversationEncoder
 from llm.model import CONFIG_NAME, HEADS_NAME, LLM_DIR, TEXT_TOKENIZER_DIR, UnifiedModel, read_meta
-from llm.pipeline import resolve_tokenizer
+from llm.pipeline import generate_replies, resolve_tokenizer
 from llm.stage import BAD_RECORD, SequenceSample, Stage2Task, Stage2ValConfig
-from llm.text_tokenizer import IM_END, IM_START, IMAGE_TOKEN, load_text_tokenizer
+from llm.text_tokenizer import IMAGE_TOKEN, load_text_tokenizer
 from unimllm.config import ConfigError, from_dict, to_dict
 from unimllm.distributed import all_reduce_sums
 from unimllm.trainer import OptimConfig, RunConfig, TrainConfig
@@ -224,32 +224,14 @@ def answer_after_drawing(model: UnifiedModel, text_tokenizer, codes: torch.Tenso
                          questions: list[str], *, max_new_tokens: int = 4, batch: int = 16) -> list[str]:
     """Greedy replies to ``questions`` asked after an assistant turn that drew ``codes`` (n, N, L_pix) for
     ``prompts``: the codes sit teacher-forced in the generation slots, as in a mixed training conversation."""
-    ids_all, kind_all = [], []
-    image_id, N = model.dims.token_ids["image"], model.image_positions
-    for p, q in zip(prompts, questions):
-        msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": IM_START + IMAGE_TOKEN + IM_END},
-                {"role": "user", "content": q}]
-        text = text_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids, kind = [], []
-        for t in text_tokenizer(text, add_special_tokens=False)["input_ids"]:
-            n = N if t == image_id else 1
-            ids += [t] * n
-            kind += [GEN if t == image_id else TEXT] * n
-        ids_all.append(ids)
-        kind_all.append(kind)
-    pad, eos, dev = model.dims.token_ids["pad"], model.dims.token_ids["eos"], model.codebooks.device
+    enc = ConversationEncoder(text_tokenizer, model.image_positions)
     replies: list[str] = []
     for i in range(0, len(questions), batch):
-        ids, kind = ids_all[i: i + batch], kind_all[i: i + batch]
-        T = max(len(x) for x in ids)
-        left = [T - len(x) for x in ids]  # left padding
-        input_ids = torch.tensor([[pad] * p + x for p, x in zip(left, ids)], device=dev)  # (b, T)
-        kinds = torch.tensor([[TEXT] * p + k for p, k in zip(left, kind)], device=dev)  # (b, T)
-        am = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(left, ids)], device=dev)  # (b, T)
-        emb = model.embed(input_ids, kinds, gen_codes=codes[i: i + batch].to(dev))  # (b, T, H)
-        out = model.llm.generate(inputs_embeds=emb, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
-                                 temperature=None, top_k=None, top_p=None, eos_token_id=eos, pad_token_id=pad)
-        replies += [s.strip() for s in text_tokenizer.batch_decode(out, skip_special_tokens=True)]
+        convs = [[{"from": "human", "value": p}, {"from": "gpt", "value": IMAGE_TOKEN}, {"from": "human", "value": q}]
+                 for p, q in zip(prompts[i: i + batch], questions[i: i + batch])]
+        replies += generate_replies(model, text_tokenizer, [enc.reply_prompt(c) for c in convs],
+                                    gen_codes=codes[i: i + batch].to(model.codebooks.device),
+                                    max_new_tokens=max_new_tokens)
     return replies
 
 

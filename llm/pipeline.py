@@ -149,22 +149,31 @@ class UnifiedPipeline:
         """Replies to ``questions`` about ``images`` (uint8 arrays / PIL, or codes (n, h, w, L_sem)), greedy
         unless temperature > 0 (then sampled under ``seed``)."""
         codes = images if isinstance(images, torch.Tensor) else self.image_codes(list(images))
-        m, tok = self.model, self.text_tokenizer
-        pad, eos = m.dims.token_ids["pad"], m.dims.token_ids["eos"]
         replies: list[str] = []
         for i in range(0, len(questions), batch):
-            qs, c = questions[i: i + batch], codes[i: i + batch].to(self.device)
-            feats = self.tokenizer.semantic_features(c)  # (b, N, C)
-            enc = [self.encoder.understanding_prompt(q) for q in qs]
-            T = max(len(ids) for ids, _ in enc)
-            ids = torch.tensor([[pad] * (T - len(x)) + x for x, _ in enc], device=self.device)
-            kind = torch.tensor(np.stack([np.pad(k, (T - len(k), 0)) for _, k in enc]), device=self.device)
-            am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x, _ in enc], device=self.device)
-            emb = m.embed(ids, kind, und_feats=feats)
+            feats = self.tokenizer.semantic_features(codes[i: i + batch].to(self.device))  # (b, N, C)
             if temperature > 0:
                 torch.manual_seed(seed + i)
-            out = m.llm.generate(inputs_embeds=emb, attention_mask=am, max_new_tokens=max_new_tokens,
-                                 do_sample=temperature > 0, temperature=temperature or None, top_k=None, top_p=None,
-                                 eos_token_id=eos, pad_token_id=pad)
-            replies += [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+            replies += generate_replies(self.model, self.text_tokenizer,
+                                        [self.encoder.understanding_prompt(q) for q in questions[i: i + batch]],
+                                        und_feats=feats, max_new_tokens=max_new_tokens, temperature=temperature)
         return replies
+
+
+@torch.no_grad()
+def generate_replies(model: UnifiedModel, text_tokenizer, prompts: list[tuple[list[int], np.ndarray]], *,
+                     und_feats: torch.Tensor | None = None, gen_codes: torch.Tensor | None = None,
+                     max_new_tokens: int = 32, temperature: float = 0.0) -> list[str]:
+    """Text replies continuing ``prompts`` (ids, kinds) from ``ConversationEncoder.reply_prompt``, left-padded
+    into one batch; their image slots take ``und_feats`` (n_u, N, C) / ``gen_codes`` (n_g, N, L_pix) in row
+    order. Greedy unless temperature > 0 (seed the global generator first)."""
+    pad, eos, dev = model.dims.token_ids["pad"], model.dims.token_ids["eos"], model.codebooks.device
+    T = max(len(ids) for ids, _ in prompts)
+    ids = torch.tensor([[pad] * (T - len(x)) + x for x, _ in prompts], device=dev)  # (b, T)
+    kind = torch.tensor(np.stack([np.pad(k, (T - len(k), 0)) for _, k in prompts]), device=dev)  # (b, T), TEXT pads
+    am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x, _ in prompts], device=dev)  # (b, T)
+    emb = model.embed(ids, kind, und_feats=und_feats, gen_codes=gen_codes)  # (b, T, H)
+    out = model.llm.generate(inputs_embeds=emb, attention_mask=am, max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature or None, top_k=None, top_p=None,
+                             eos_token_id=eos, pad_token_id=pad)
+    return [r.strip() for r in text_tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -183,6 +183,12 @@ class SequenceSample:
         return [i for i in range(len(conv) - 1) if conv[i].get("from") in ("human", "user")
                 and conv[i + 1].get("from") in ("gpt", "assistant")]
 
+    @staticmethod
+    def _question(turn: dict, with_image: bool) -> str:
+        """A human turn's text without its ``<image>``, or with the image in front of it."""
+        question = turn["value"].replace(IMAGE_TOKEN, "").strip()
+        return f"{IMAGE_TOKEN}\n{question}" if with_image else question
+
     @classmethod
     def shuffled_turns(cls, conv: list[dict], rng: np.random.Generator) -> list[dict]:
         """``conv``'s (human, gpt) pairs in a random order, ``<image>`` in front of the first question (other
@@ -191,8 +197,7 @@ class SequenceSample:
         paired = {j for i in pairs for j in (i, i + 1)}
         out = [t for j, t in enumerate(conv) if j not in paired]
         for n, i in enumerate(rng.permutation(pairs)):
-            question = conv[i]["value"].replace(IMAGE_TOKEN, "").strip()
-            out += [{**conv[i], "value": f"{IMAGE_TOKEN}\n{question}" if n == 0 else question}, conv[i + 1]]
+            out += [{**conv[i], "value": cls._question(conv[i], n == 0)}, conv[i + 1]]
         return out
 
     @classmethod
@@ -200,8 +205,7 @@ class SequenceSample:
         """One random (human, gpt) pair of ``conv`` with the image moved in front of its question."""
         pairs = cls._pairs(conv)
         i = pairs[int(rng.integers(len(pairs)))]
-        question = conv[i]["value"].replace(IMAGE_TOKEN, "").strip()
-        return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, conv[i + 1]]
+        return [{"from": "human", "value": cls._question(conv[i], True)}, conv[i + 1]]
 
     def __call__(self, raw: dict, ctx) -> dict:
         meta = sample_meta(raw)
