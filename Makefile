@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 CONSTRAINTS := $(if $(filter 0,$(HAS_GPU)),-c constraints/cpu.txt,)
 STAMP  := $(VENV)/.installed-$(HAS_GPU)
 RUNS   ?= runs
-# make demo DEVICE=cuda runs the chain on a GPU.
+# make demo DEVICE=cuda runs the chain on a GPU with the `small` presets (launch/configs/stage*/small.yaml).
 # `make stage2` trains longer than the demo's stage 2 (tiny.yaml: 1200 steps, what the 15-minute demo affords).
 STAGE2_STEPS ?= 3400
 DEVICE ?= $(if $(filter 1,$(HAS_GPU)),cuda,cpu)
@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff check .
 
 # The main job on the built-in default: shapes shards -> stage 1 -> codes -> stage 2 -> stage 3 -> shapes eval,
-# timed, ending in one results table (runs/demo/demo.md). Training runs 2 processes x 1 thread on 2 cores.
+# timed, ending in one results table (runs/demo/demo.md). Each step is one process with one thread per core.
 demo: install
 	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE)
 

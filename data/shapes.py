@@ -92,6 +92,10 @@ class ShapesConfig:
     "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this (>= 0)."
     qa_turns: int = 8
     "Question-answer turns after the describe turn in each conversation (>= 0; a scene with fewer questions asks all)."
+    qa_pairs: Literal["one", "both"] = "one"
+    """Which questions of each MME yes/no pair a conversation may ask: ``one`` (drawn at random) or ``both``.
+    With both, the second is answered by negating the first ("Is the circle red? Yes" ... "Is the circle
+    blue?"), so half the yes/no answers teach nothing about the image (record ``mme`` keeps both)."""
 
     def validate(self) -> None:
         if not 16 <= self.image_size <= 1024:
@@ -409,7 +413,7 @@ def mme_pairs(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) 
 
 def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, rng: np.random.Generator) -> list[dict]:
     """LLaVA turns: describe (answered by the caption), then ``qa_turns`` questions from a pool of
-    open count/colour questions and the record's MME yes/no questions."""
+    open count/colour questions and the record's MME yes/no questions (one or both of each pair, ``qa_pairs``)."""
     pool = []
     for s in sorted({o["shape"] for o in objects}):
         k = sum(o["shape"] == s for o in objects)
@@ -417,7 +421,9 @@ def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, 
     for i, o in enumerate(objects):
         if describe(objects, i) == f"the {o['shape']}":
             pool.append((f"What color is the {o['shape']}?", f"{o['color'].capitalize()}."))
-    pool += [(q["question"], q["answer"]) for pairs in mme.values() for q in pairs]
+    for pair in mme.values():
+        chosen = pair if cfg.qa_pairs == "both" else [pair[rng.integers(len(pair))]]
+        pool += [(q["question"], q["answer"]) for q in chosen]
     turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": text}]
     for j in rng.permutation(len(pool))[: cfg.qa_turns]:
         turns += [{"from": "human", "value": pool[j][0]}, {"from": "gpt", "value": pool[j][1]}]

@@ -1,10 +1,12 @@
 """`make demo`: the whole chain on the built-in shapes world, timed, then one results table.
 
-    python launch/demo.py [--runs runs/demo] [--threads N] [--device cpu|cuda] [--keep]
+    python launch/demo.py [--runs runs/demo] [--threads N] [--device cpu|cuda] [--preset tiny|small] [--keep]
 
 Steps (each a subprocess with an argument list, never a shell string): shapes-world shards -> stage 1
 (tokenizer) -> codes precomputed with it -> stage 2 (one unified model) -> stage 3 (instruction tuning) ->
-the shapes evaluation suite on the stage-3 export. Every step runs one process with ``--threads`` torch
+the shapes evaluation suite on the stage-3 export. ``--preset tiny`` (the default on CPU) is the 15-minute
+CPU chain; ``small`` (the default with ``--device cuda``) renders 10x the scenes and trains the ``small``
+unified model (6 layers x 256) with 16x the batch (launch/configs/stage*/small.yaml). Every step runs one process with ``--threads`` torch
 threads (default: the cores this process may use): never more threads than cores (on 2 cores one process
 with 2 threads trains the bf16 stage-2 model at 58 samples/s, two 1-thread DeepSpeed ranks at 57 with a
 quarter of the optimizer steps, docs/performance.md). Every stage starts from
@@ -26,12 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES_TRAIN, SHAPES_VAL = 4000, 500
+SHAPES = {"tiny": (4000, 500), "small": (40000, 500)}  # preset -> (train scenes, val scenes), always 4 shards
 SHARDS = "shapes-train-{000000..000003}.tar"
 
 
-def steps(runs: Path, threads: int, device: str) -> list[tuple[str, Path, list[str]]]:
+def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[tuple[str, Path, list[str]]]:
     """(name, output directory, argv) of every step, in order."""
+    n_train, n_val = SHAPES[preset]
     shapes, s1, s2, s3 = runs / "shapes", runs / "stage1", runs / "stage2", runs / "stage3"
     tok = s1 / "export" / "tokenizer"
     codes = str(shapes / "codes" / SHARDS)
@@ -40,16 +43,16 @@ def steps(runs: Path, threads: int, device: str) -> list[tuple[str, Path, list[s
     train = ["--train.device", device, "--train.threads", str(threads)]
     py = sys.executable
     return [
-        ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(SHAPES_TRAIN),
-                            "--n-val", str(SHAPES_VAL), "--level", "demo"]),
-        ("stage1", s1, [py, "launch/stage1.py", "--config", "launch/configs/stage1/tiny.yaml", "--run.out_dir", str(s1),
+        ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
+                            "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo"]),
+        ("stage1", s1, [py, "launch/stage1.py", "--config", f"launch/configs/stage1/{preset}.yaml", "--run.out_dir", str(s1),
                         "--data.sources.0.shards", str(shapes / "train" / SHARDS),
                         "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),
-        ("codes", shapes / "codes", [py, "-m", "data.precompute_codes", "--tokenizer", str(tok), "--no-progress",
+        ("codes", shapes / "codes", [py, "-m", "data.precompute_codes", "--tokenizer", str(tok), "--no-progress", "--device", device,
                                      "--shards", str(shapes / "train" / SHARDS), "--out", str(shapes / "codes")]),
-        ("stage2", s2, [py, "launch/stage2.py", "--config", "launch/configs/stage2/tiny.yaml", "--run.out_dir", str(s2),
+        ("stage2", s2, [py, "launch/stage2.py", "--config", f"launch/configs/stage2/{preset}.yaml", "--run.out_dir", str(s2),
                         "--model.tokenizer", str(tok), "--data.sources.0.shards", codes, *val, *train]),
-        ("stage3", s3, [py, "launch/stage3.py", "--config", "launch/configs/stage3/tiny.yaml", "--run.out_dir", str(s3),
+        ("stage3", s3, [py, "launch/stage3.py", "--config", f"launch/configs/stage3/{preset}.yaml", "--run.out_dir", str(s3),
                         "--init_from", str(s2 / "export" / "unified"), "--data.sources.0.shards", codes, *val, *train]),
         ("eval", s3 / "eval", [py, "launch/evaluate.py", "--config", "launch/configs/eval/shapes.yaml",
                                "--ckpt", str(s3 / "export" / "unified"), "--out", str(s3 / "eval"), "--device", device,
@@ -100,16 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch threads of every step (default: the cores this process may use)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", choices=sorted(SHAPES), help="tiny (default on cpu) or small (default on cuda)")
     ap.add_argument("--keep", action="store_true", help="skip stages whose outputs exist instead of redoing them")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
+    preset = args.preset or ("small" if args.device == "cuda" else "tiny")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if args.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("WANDB_MODE", "offline")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    for name, out, cmd in steps(runs, args.threads, args.device):
+    for name, out, cmd in steps(runs, args.threads, args.device, preset):
         if args.keep and done_marker(name, out).exists():
             print(f"[demo] {name}: kept {out}", flush=True)
             continue

@@ -13,7 +13,6 @@ key/value cache, so sampling never re-runs the depth prefix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.config import DepthConfig
@@ -43,7 +42,12 @@ class _Block(nn.Module):
         causal = S > 1
         if causal and k.shape[2] != S:
             raise ValueError("a cached step takes one new slot at a time")
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (M, heads, S, W/heads)
+        # Explicit attention over at most L_pix slots (the fused SDPA kernels returned None under CUDA bf16
+        # autocast at the training shape, ~20k rows of length 3, on torch 2.11; at this length they gain nothing)
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (M, heads, S, S_total)
+        if causal:
+            scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        a = scores.float().softmax(-1).to(v.dtype) @ v  # (M, heads, S, W/heads)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(M, S, W)))
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, (k, v)

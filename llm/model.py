@@ -105,6 +105,7 @@ class UnifiedModel(nn.Module):
         self.depth = DepthTransformer(cfg.depth, H, dims.code_dim, dims.depth_pix, dims.codebook_size)
         self.register_buffer("codebooks", torch.zeros(dims.depth_pix, dims.codebook_size, dims.code_dim))  # (L, K, D)
         self.gen_pos = nn.Parameter(torch.zeros(dims.grid ** 2, H)) if cfg.image_pos_embed else None  # (N, H)
+        self.und_pos = nn.Parameter(torch.zeros(dims.grid ** 2, H)) if cfg.und_pos_embed else None  # (N, H)
         if cfg.input_norm:  # per-channel (mean, std) of the projector inputs; identity until set_input_stats
             self.register_buffer("und_stats", torch.stack([torch.zeros(dims.sem_dim), torch.ones(dims.sem_dim)]))
             self.register_buffer("gen_stats", torch.stack([torch.zeros(dims.code_dim), torch.ones(dims.code_dim)]))
@@ -164,9 +165,11 @@ class UnifiedModel(nn.Module):
         return (x - stats[0]) / stats[1]
 
     def und_inputs(self, feats: Tensor) -> Tensor:
-        """Semantic-decoder features (..., C) -> LLM inputs (..., H) of understanding slots."""
+        """Semantic-decoder features (..., N, C) -> LLM inputs (..., N, H) of understanding slots (plus each
+        slot's grid-position embedding when configured)."""
         w = self.und_projector.net[0].weight
-        return self.und_projector(self._standardize(feats.to(w.dtype), "und_stats"))
+        x = self.und_projector(self._standardize(feats.to(w.dtype), "und_stats"))
+        return x if self.und_pos is None else x + self.und_pos.to(x.dtype)
 
     def code_vectors(self, codes: Tensor) -> Tensor:
         """codes (..., L) -> per-depth code vectors (..., L, D) from the frozen codebooks (float32)."""
@@ -282,7 +285,8 @@ class UnifiedModel(nn.Module):
                                                    attn_implementation=attn_implementation(cfg.llm, device),
                                                    trust_remote_code=cfg.llm.trust_remote_code)
         model = cls(dataclasses.replace(cfg, depth=saved.depth, projector_hidden=saved.projector_hidden,
-                                        image_pos_embed=saved.image_pos_embed, input_norm=saved.input_norm), llm,
+                                        image_pos_embed=saved.image_pos_embed, und_pos_embed=saved.und_pos_embed,
+                                        input_norm=saved.input_norm), llm,
                     Dims(**meta["dims"]))
         state = load_file(str(src / HEADS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)

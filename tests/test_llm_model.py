@@ -242,3 +242,24 @@ def test_task_parts_give_the_whole_batch_loss_and_gradient(evo, text_tok):
     g_merged = grads(merge_outputs([model(**inputs(p)) for p in parts], 1.0, 1.0)["loss"])
     for a, c in zip(g_whole, g_merged):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_depth_transformer_under_cuda_bf16_autocast():
+    """The training shape (thousands of positions x 3-4 slots) under CUDA bf16 autocast: torch 2.11's fused
+    SDPA returned None here, so the depth transformer computes its attention explicitly."""
+    from llm.config import DepthConfig
+    from llm.depth import DepthTransformer
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    depth = DepthTransformer(DepthConfig(layers=2, width=256, heads=8), 256, 32, 4, 128).cuda()
+    h, cum = torch.randn(2500, 256, device="cuda"), torch.randn(2500, 3, 32, device="cuda")
+    ref = depth(h, cum)  # (M, L, K) fp32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = depth(h, cum)
+    assert out.shape == (2500, 4, 128) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in depth.parameters() if p.grad is not None)

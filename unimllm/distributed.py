@@ -115,6 +115,11 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, prec
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif precision == "bf16-autocast":
+        # The engine's forward turns an outer CUDA autocast OFF unless this section asks for it (on CPU it
+        # leaves it alone): without it a bf16-autocast run on a GPU silently computed in fp32. No module is
+        # "lower-precision safe", so gradients stay fp32, all-reduce included.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return cfg
 
 
