@@ -22,6 +22,18 @@ def test_steps_are_argument_lists_in_chain_order(tmp_path):
     assert by["eval"][by["eval"].index("--ckpt") + 1] == str(tmp_path / "stage3" / "export" / "unified")
 
 
+def test_presets_pick_their_configs_and_scene_counts(tmp_path):
+    for preset, n in (("tiny", "4000"), ("small", "40000")):
+        by = {name: cmd for name, _, cmd in demo.steps(tmp_path, threads=4, device="cuda", preset=preset)}
+        assert by["shapes"][by["shapes"].index("--n") + 1] == n
+        assert by["shapes"][by["shapes"].index("--shard_size") + 1] == str(int(n) // 4)  # always 4 shards
+        for name in ("stage1", "stage2", "stage3"):
+            assert by[name][by[name].index("--config") + 1] == f"launch/configs/{name}/{preset}.yaml"
+            assert (demo.ROOT / f"launch/configs/{name}/{preset}.yaml").is_file()
+            assert by[name][by[name].index("--train.device") + 1] == "cuda"
+        assert by["codes"][by["codes"].index("--device") + 1] == "cuda"
+
+
 def test_table_from_eval_outputs(tmp_path: Path):
     (tmp_path / "stage1").mkdir()
     (tmp_path / "stage1" / "metrics.jsonl").write_text(
