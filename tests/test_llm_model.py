@@ -263,3 +263,22 @@ def test_depth_transformer_under_cuda_bf16_autocast():
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in depth.parameters() if p.grad is not None)
+
+
+def test_depth_attention_equals_sdpa():
+    """The depth transformer's explicit attention is causal scaled-dot-product attention (checked against
+    torch's SDPA, whole prefix and one cached slot)."""
+    import torch.nn.functional as F
+
+    from llm.depth import _Block
+
+    torch.manual_seed(0)
+    blk = _Block(32, 4, 2.0, 0.0).double()
+    x = torch.randn(5, 3, 32, dtype=torch.double)  # (M, S, W)
+    out, (k, v) = blk(x)
+    q = blk.qkv(blk.ln1(x)).view(5, 3, 3, 4, 8).permute(2, 0, 3, 1, 4)[0]
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    h = x + blk.proj(a.transpose(1, 2).reshape(5, 3, 32))
+    torch.testing.assert_close(out, h + blk.mlp(blk.ln2(h)))
+    step, _ = blk(x[:, 2:], cache=(k[:, :, :2], v[:, :, :2]))  # the last slot from a 2-slot cache
+    torch.testing.assert_close(step, out[:, 2:])
