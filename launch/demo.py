@@ -6,8 +6,8 @@ Steps (each a subprocess with an argument list, never a shell string): shapes-wo
 (tokenizer) -> codes precomputed with it -> stage 2 (one unified model) -> stage 3 (instruction tuning) ->
 the shapes evaluation suite on the stage-3 export. ``--preset tiny`` (the default on CPU) is the 15-minute
 CPU chain; ``small`` (the default with ``--device cuda``) renders 10x the scenes and trains the ``small``
-unified model (6 layers x 256) with 16x the batch (launch/configs/stage*/small.yaml). Every step runs one process with ``--threads`` torch
-threads (default: the cores this process may use): never more threads than cores (on 2 cores one process
+unified model (6 layers x 256) with 16x the batch (launch/configs/stage*/small.yaml). Every step runs one
+process with ``--threads`` torch threads (default: the cores this process may use): never more threads than cores (on 2 cores one process
 with 2 threads trains the bf16 stage-2 model at 58 samples/s, two 1-thread DeepSpeed ranks at 57 with a
 quarter of the optimizer steps, docs/performance.md). Every stage starts from
 an empty directory under ``--runs`` (``--keep`` reuses finished stages instead), so the same seed gives the
@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": (4000, 500), "small": (40000, 500)}  # preset -> (train scenes, val scenes), always 4 shards
+SHAPES_ARGS = {"tiny": [], "small": ["--world.qa_pairs", "one"]}  # as measured (docs/results.md, session 5)
 SHARDS = "shapes-train-{000000..000003}.tar"
 
 
@@ -44,7 +45,8 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[t
     py = sys.executable
     return [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
-                            "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo"]),
+                            "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",
+                            *SHAPES_ARGS[preset]]),
         ("stage1", s1, [py, "launch/stage1.py", "--config", f"launch/configs/stage1/{preset}.yaml", "--run.out_dir", str(s1),
                         "--data.sources.0.shards", str(shapes / "train" / SHARDS),
                         "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),

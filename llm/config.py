@@ -119,7 +119,7 @@ class UnifiedConfig:
 def preset(name: str) -> UnifiedConfig:
     """``tiny``, ``small``, ``qwen2.5-1.5b`` or ``qwen2.5-7b`` (see module docstring)."""
     if name == "tiny":
-        return UnifiedConfig(freeze_llm=False, input_norm=True, image_pos_embed=True, und_pos_embed=True,
+        return UnifiedConfig(freeze_llm=False, input_norm=True, image_pos_embed=True,
                              sampler=SamplerConfig(cfg_scale=3.0, top_k=0, top_p=1.0))
     if name == "small":
         return UnifiedConfig(llm=LLMConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4,

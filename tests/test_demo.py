@@ -32,6 +32,7 @@ def test_presets_pick_their_configs_and_scene_counts(tmp_path):
             assert (demo.ROOT / f"launch/configs/{name}/{preset}.yaml").is_file()
             assert by[name][by[name].index("--train.device") + 1] == "cuda"
         assert by["codes"][by["codes"].index("--device") + 1] == "cuda"
+        assert ("--world.qa_pairs" in by["shapes"]) == (preset == "small")
 
 
 def test_table_from_eval_outputs(tmp_path: Path):

@@ -184,22 +184,21 @@ def test_samples_valid_and_match_their_prompt(level, size, n):
         conv = rec["conversations"]
         assert conv[0] == {"from": "human", "value": "<image>\nDescribe the image."}
         assert conv[1] == {"from": "gpt", "value": cap}
-        n_mme = len(rec["mme"])  # the pool holds one question of each pair and >= 1 count question
+        n_mme = sum(len(pairs) for pairs in rec["mme"].values())  # the pool holds these and >= 1 count question
         assert len(conv) % 2 == 0 and 2 + 2 * min(cfg.qa_turns, n_mme + 1) <= len(conv) <= 2 + 2 * cfg.qa_turns
-        asked = {t["value"] for t in conv[2::2]}
-        for pair in rec["mme"].values():  # never both questions of a pair (the second would negate the first)
-            assert sum(q["question"] in asked for q in pair) <= 1
         for question, answer in zip(conv[2::2], conv[3::2]):  # every answer is the ground truth
             assert (question["from"], answer["from"]) == ("human", "gpt")
             assert answer["value"] == _qa_truth(question["value"], objs, cfg.position_margin), question
 
 
-def test_qa_pairs_both_asks_whole_pairs():
-    cfg = dataclasses.replace(_cfg("demo", 64), qa_turns=20, qa_pairs="both")
-    for i in range(20):
-        rec = json.loads(render_sample(cfg, "val", i)["json"])
-        asked = {t["value"] for t in rec["conversations"][2::2]}
-        assert all(q["question"] in asked for pair in rec["mme"].values() for q in pair)
+def test_qa_pairs_both_asks_whole_pairs_one_never_both():
+    for mode in ("both", "one"):
+        cfg = dataclasses.replace(_cfg("demo", 64), qa_turns=20, qa_pairs=mode)
+        for i in range(20):
+            rec = json.loads(render_sample(cfg, "val", i)["json"])
+            asked = {t["value"] for t in rec["conversations"][2::2]}
+            for pair in rec["mme"].values():
+                assert sum(q["question"] in asked for q in pair) == (len(pair) if mode == "both" else 1)
 
 
 def _qa_truth(q: str, objs: list[dict], margin: float) -> str:
