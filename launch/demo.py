@@ -28,14 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"tiny": (4000, 500), "small": (40000, 500)}  # preset -> (train scenes, val scenes), always 4 shards
-SHAPES_ARGS = {"tiny": [], "small": ["--world.qa_pairs", "one"]}  # as measured (docs/results.md, session 5)
+# preset -> (train scenes, val scenes, extra shapes-world flags); always 4 shards. small's flags: as measured
+# on the GPU (docs/results.md, session 5)
+SHAPES = {"tiny": (4000, 500, []), "small": (40000, 500, ["--world.qa_pairs", "one"])}
 SHARDS = "shapes-train-{000000..000003}.tar"
 
 
 def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[tuple[str, Path, list[str]]]:
     """(name, output directory, argv) of every step, in order."""
-    n_train, n_val = SHAPES[preset]
+    n_train, n_val, world = SHAPES[preset]
     shapes, s1, s2, s3 = runs / "shapes", runs / "stage1", runs / "stage2", runs / "stage3"
     tok = s1 / "export" / "tokenizer"
     codes = str(shapes / "codes" / SHARDS)
@@ -46,7 +47,7 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[t
     return [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
                             "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",
-                            *SHAPES_ARGS[preset]]),
+                            *world]),
         ("stage1", s1, [py, "launch/stage1.py", "--config", f"launch/configs/stage1/{preset}.yaml", "--run.out_dir", str(s1),
                         "--data.sources.0.shards", str(shapes / "train" / SHARDS),
                         "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),

@@ -150,41 +150,25 @@ def test_engine_clips_only_as_configured_and_logs_the_pre_clip_norm(clip):
         assert grad_norm(engine) == pytest.approx(norm, rel=1e-5)
 
 
-def _autocast_engine(device: str):
-    import torch
-
-    from unimllm.distributed import build_engine, deepspeed_config, init_distributed
-
-    init_distributed(device)
-    model = torch.nn.Linear(8, 8).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return model, build_engine(model, opt, deepspeed_config(micro_batch=4, grad_accum=1, zero_stage=0,
-                                                            precision="bf16-autocast", grad_clip=1.0))
-
-
-def _check_autocast_engine(device: str):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_engine_computes_in_bf16(device):
     """bf16-autocast: the engine's forward computes in bf16 under the task's autocast (DeepSpeed turns an outer
     CUDA autocast off unless its torch_autocast section is set: a GPU run silently trained in fp32), while the
     weights and their gradients stay fp32."""
     import torch
 
-    model, engine = _autocast_engine(device)
+    from unimllm.distributed import build_engine, deepspeed_config, init_distributed
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    init_distributed(device)
+    model = torch.nn.Linear(8, 8).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = build_engine(model, opt, deepspeed_config(micro_batch=4, grad_accum=1, zero_stage=0,
+                                                       precision="bf16-autocast", grad_clip=1.0))
     with torch.autocast(device, dtype=torch.bfloat16):
         y = engine(torch.randn(4, 8, device=device))
     assert y.dtype == torch.bfloat16
     engine.backward(y.float().pow(2).mean())
     assert model.weight.dtype == torch.float32 and model.weight.grad.dtype == torch.float32
     engine.step()
-
-
-def test_bf16_autocast_engine_computes_in_bf16_on_cpu():
-    _check_autocast_engine("cpu")
-
-
-@pytest.mark.gpu
-def test_bf16_autocast_engine_computes_in_bf16_on_cuda():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    _check_autocast_engine("cuda")
