@@ -92,6 +92,13 @@ class ShapesConfig:
     "Position scenes/questions must satisfy GenEval's rule with threshold and cutoff raised by this (>= 0)."
     qa_turns: int = 8
     "Question-answer turns after the describe turn in each conversation (>= 0; a scene with fewer questions asks all)."
+    shape_questions: bool = False
+    """Conversations may also ask what shape an object of a given colour is ("What shape is the red object?"
+    "Circle.") and a minimal yes/no pair that only the shape answers ("Is there a red circle?" Yes / "Is there
+    a red square?" No). Most MME-style negatives change the colour, so a model that only sees colours answers
+    most of them right (docs/results.md, session 6). Training conversations only: the record's ``mme`` pairs
+    are unchanged. Off by default: at the demo's 1200 stage-2 steps it broke that colour shortcut before the
+    model read shapes (held-out existence 54 vs 82)."""
     qa_pairs: Literal["both", "one"] = "both"
     """Which questions of each MME yes/no pair a conversation may ask: ``both``, or ``one`` drawn at random.
     With both, the second can be answered by negating the first ("Is the circle red? Yes" ... "Is the circle
@@ -412,9 +419,29 @@ def mme_pairs(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) 
     return out
 
 
+def shape_questions(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(question, answer) pairs only the shapes answer: "What shape is the <colour> object?" for every colour
+    that one object has, and an existence pair about one object, its shape vs a shape no object of that
+    colour has (asked both, or one of them with ``qa_pairs: one``)."""
+    out = []
+    for o in objects:
+        if sum(p["color"] == o["color"] for p in objects) == 1:
+            out.append((f"What shape is the {o['color']} object?", f"{o['shape'].capitalize()}."))
+    present = {(o["color"], o["shape"]) for o in objects}
+    cands = [(o, s) for o in objects for s in cfg.shapes if (o["color"], s) not in present]
+    if cands:
+        o, s = cands[rng.integers(len(cands))]
+        c = o["color"]
+        pair = [(f"Is there {article(c)} {c} {o['shape']} in the image?{MME_SUFFIX}", "Yes"),
+                (f"Is there {article(c)} {c} {s} in the image?{MME_SUFFIX}", "No")]
+        out += pair if cfg.qa_pairs == "both" else [pair[rng.integers(2)]]
+    return out
+
+
 def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, rng: np.random.Generator) -> list[dict]:
     """LLaVA turns: describe (answered by the caption), then ``qa_turns`` questions from a pool of
-    open count/colour questions and the record's MME yes/no questions (one or both of each pair, ``qa_pairs``)."""
+    open count/colour questions, the record's MME yes/no questions (one or both of each pair, ``qa_pairs``)
+    and, with ``shape_questions``, the questions only the shapes answer (:func:`shape_questions`)."""
     pool = []
     for s in sorted({o["shape"] for o in objects}):
         k = sum(o["shape"] == s for o in objects)
@@ -425,6 +452,9 @@ def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, 
     for pair in mme.values():
         chosen = pair if cfg.qa_pairs == "both" else [pair[rng.integers(len(pair))]]
         pool += [(q["question"], q["answer"]) for q in chosen]
+    if cfg.shape_questions:  # none that is one of the MME pairs (asked above, or left out with qa_pairs: one)
+        mme_questions = {q["question"] for pair in mme.values() for q in pair}
+        pool += [qa for qa in shape_questions(cfg, objects, rng) if qa[0] not in mme_questions]
     turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": text}]
     for j in rng.permutation(len(pool))[: cfg.qa_turns]:
         turns += [{"from": "human", "value": pool[j][0]}, {"from": "gpt", "value": pool[j][1]}]

@@ -42,6 +42,11 @@ class Encoded:
     """(T,) int64 next-token targets, IGNORE where position t has no text target."""
     kind: np.ndarray
     """(T,) int8: TEXT, UND (understanding slot) or GEN (generation slot)."""
+    block: np.ndarray | None = None
+    """(T,) int64 attention blocks of a packed sample (``encode_blocks``): 0 = the shared prefix every token
+    sees, k > 0 = the k-th turn, seen only by its own tokens; None = one plain causal sequence."""
+    position: np.ndarray | None = None
+    """(T,) int64 position ids (every block continues from the prefix); None = 0..T-1."""
 
     @property
     def direction(self) -> str:
@@ -99,8 +104,9 @@ class ConversationEncoder:
             prev = full
         return [(s, a) for s, a in out if s]
 
-    def encode(self, conversation: list[dict]) -> Encoded:
-        """Token ids, targets and slot kinds; SampleError(too_long) if the cut would fall in or before an image."""
+    def encode(self, conversation: list[dict], *, cut: bool = True) -> Encoded:
+        """Token ids, targets and slot kinds, cut to ``max_length`` (unless ``cut`` is off); SampleError(too_long)
+        if the cut would fall in or before an image."""
         ids, labeled, kind = [], [], []
         n_images = 0
         for text, reply in self.segments(to_messages(conversation)):
@@ -121,7 +127,7 @@ class ConversationEncoder:
         targets = np.full(len(ids), IGNORE, np.int64)
         lab = np.asarray(labeled, bool)
         targets[:-1][lab[1:]] = ids_a[1:][lab[1:]]
-        if len(ids) > self.max_length:
+        if cut and len(ids) > self.max_length:
             last_slot = int(np.flatnonzero(kind_a != TEXT)[-1])
             if last_slot >= self.max_length:
                 raise SampleError(TOO_LONG, f"{len(ids)} tokens > max_length {self.max_length} and the cut would "
@@ -131,6 +137,33 @@ class ConversationEncoder:
         if not (targets != IGNORE).any() and not (kind_a == GEN).any():
             raise SampleError(BAD_CONVERSATION, "nothing to learn: no assistant text and no generated image")
         return Encoded(ids_a, targets, kind_a)
+
+    def encode_blocks(self, conversations: list[list[dict]]) -> Encoded:
+        """Single-turn conversations about one image -> one packed sequence: their shared prefix (everything
+        up to and including the image slots) once, then each conversation's remainder as its own attention
+        block with positions continuing from the prefix. Every block computes exactly what it would alone
+        (the model masks attention by ``block``), so n questions cost one image and none sees another's
+        answer. Blocks that no longer fit ``max_length`` are left out; SampleError(too_long) if none fits."""
+        encs = [self.encode(c, cut=False) for c in conversations]
+        if not encs:
+            raise SampleError(BAD_CONVERSATION, "no turns to encode")
+        P = int(np.flatnonzero(encs[0].kind != TEXT)[-1]) + 1  # prefix: through the last image slot
+        for e in encs[1:]:
+            if len(e.input_ids) < P or not np.array_equal(e.input_ids[:P], encs[0].input_ids[:P]) \
+                    or (e.kind[P:] != TEXT).any():
+                raise SampleError(BAD_CONVERSATION, "block conversations must share everything up to their image")
+        parts, n = [(encs[0].input_ids[:P], encs[0].targets[:P], encs[0].kind[:P], np.zeros(P, np.int64),
+                     np.arange(P))], P
+        for k, e in enumerate(encs, 1):
+            m = len(e.input_ids) - P
+            if n + m > self.max_length or m <= 0:
+                continue
+            parts.append((e.input_ids[P:], e.targets[P:], e.kind[P:], np.full(m, k, np.int64), np.arange(P, P + m)))
+            n += m
+        if len(parts) == 1:
+            raise SampleError(TOO_LONG, f"no turn fits max_length {self.max_length} after the {P}-token prefix")
+        ids, targets, kind, block, pos = (np.concatenate(c) for c in zip(*parts))
+        return Encoded(ids, targets, kind, block, pos)
 
     # ------------------------------------------------------------------ inference prompts
     def generation_prompt(self, prompt: str) -> list[int]:

@@ -103,6 +103,9 @@ class InstructMixConfig:
     shuffle_turns: bool = False
     """Understanding: the conversation's (question, answer) pairs in a random order, the image in front of the
     first question (see stage 2's ``mix.shuffle_turns``: no answer copied from an earlier description)."""
+    independent_turns: bool = False
+    """Understanding: every (question, answer) pair as its own attention block after the shared image (stage
+    2's ``mix.independent_turns``: each answered as if asked alone); the conversation itself is not trained."""
     followups: int = 2
     """Mixed: the most questions after the image (1..followups, uniformly)."""
     prompt_key: str = "prompt"
@@ -190,7 +193,7 @@ class InstructionSample(SequenceSample):
         template = PHRASE_TEMPLATES[int(rng.integers(len(PHRASE_TEMPLATES)))]
         return template.format(phrase if template == "{}" else _PHOTO_OF.sub("", phrase))
 
-    def conversation(self, meta: dict, rng: np.random.Generator) -> list[dict]:
+    def conversation(self, meta: dict, rng: np.random.Generator) -> list[dict] | list[list[dict]]:
         conv = meta.get("conversations") or []
         image_roles = {t.get("from") for t in conv if isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value"))}
         has_text = any(isinstance(meta.get(k), str) and meta[k].strip() for k in (self.mix.prompt_key, self.mix.caption_key))
@@ -203,6 +206,8 @@ class InstructionSample(SequenceSample):
             raise SampleError(BAD_RECORD, f"no {IMAGE_TOKEN} conversation and no {self.mix.prompt_key}/"
                                           f"{self.mix.caption_key} usable with the mode weights")
         mode = MODES[int(rng.choice(3, p=w / w.sum()))]
+        if mode == "understanding" and self.mix.independent_turns:
+            return self.turn_blocks(conv)
         if mode == "understanding" and self.mix.shuffle_turns:
             return self.shuffled_turns(conv, rng)
         if mode == "understanding" or (mode == "generation" and own_gen):

@@ -60,6 +60,11 @@ class MixConfig:
     """Understanding samples get their (question, answer) pairs in a random order, the image moved to the
     first question. With a fixed order ("Describe the image." first), every later question can be answered
     by copying from the description, and the model never learns to answer one from the image itself."""
+    independent_turns: bool = False
+    """Understanding samples pack every (question, answer) pair as its own attention block after the shared
+    image (``ConversationEncoder.encode_blocks``): each answer is trained exactly as if its question were
+    asked alone right after the image, as benchmarks ask it, and none can be copied from another turn
+    (a description, an open question, the other question of a yes/no pair). Needs sdpa or eager attention."""
     max_length: int = 2048
     """Longest sequence; longer ones are cut after their image, or dropped (counted) if the cut hits it."""
     group_batches: int = 8
@@ -155,7 +160,7 @@ class SequenceSample:
         self.encoder, self.mix, self.use_codes = encoder, mix, use_codes
         self.transform = ImageTransform(image)
 
-    def conversation(self, meta: dict, rng: np.random.Generator) -> list[dict]:
+    def conversation(self, meta: dict, rng: np.random.Generator) -> list[dict] | list[list[dict]]:
         conv = meta.get("conversations") or []
         prompt = next((meta[k] for k in self.mix.prompt_keys if isinstance(meta.get(k), str)), None)
         turns_with_image = [t.get("from") for t in conv if isinstance(t, dict) and IMAGE_TOKEN in str(t.get("value"))]
@@ -166,6 +171,8 @@ class SequenceSample:
             raise SampleError(BAD_RECORD, f"no conversation with {IMAGE_TOKEN} and no prompt ({self.mix.prompt_keys})")
         generate = can_gen and (not can_und or rng.random() < self.mix.generation_ratio)
         if not generate:
+            if self.mix.independent_turns:
+                return self.turn_blocks(conv)
             if rng.random() < self.mix.single_turn_prob:
                 return self.single_turn(conv, rng)
             return self.shuffled_turns(conv, rng) if self.mix.shuffle_turns else conv
@@ -201,6 +208,15 @@ class SequenceSample:
         return out
 
     @classmethod
+    def turn_blocks(cls, conv: list[dict]) -> list[list[dict]]:
+        """``conv`` as one single-turn conversation per (human, gpt) pair, the image in front of each question
+        (other turns, e.g. a system prompt, in front of every one): ``ConversationEncoder.encode_blocks`` input."""
+        pairs = cls._pairs(conv)
+        paired = {j for i in pairs for j in (i, i + 1)}
+        head = [t for j, t in enumerate(conv) if j not in paired]
+        return [[*head, {**conv[i], "value": cls._question(conv[i], True)}, conv[i + 1]] for i in pairs]
+
+    @classmethod
     def single_turn(cls, conv: list[dict], rng: np.random.Generator) -> list[dict]:
         """One random (human, gpt) pair of ``conv`` with the image moved in front of its question."""
         pairs = cls._pairs(conv)
@@ -209,9 +225,13 @@ class SequenceSample:
 
     def __call__(self, raw: dict, ctx) -> dict:
         meta = sample_meta(raw)
-        enc = self.encoder.encode(self.conversation(meta, ctx.rng))
+        conv = self.conversation(meta, ctx.rng)
+        blocks = bool(conv) and isinstance(conv[0], list)  # turn_blocks: single-turn conversations to pack
+        enc = self.encoder.encode_blocks(conv) if blocks else self.encoder.encode(conv)
         out: dict[str, Any] = {"__key__": raw["__key__"], "input_ids": enc.input_ids, "targets": enc.targets,
                                "kind": enc.kind}
+        if enc.block is not None:
+            out.update(block=enc.block, position=enc.position)
         codes = sample_codes(raw)
         if self.use_codes:
             if codes is None:
@@ -223,7 +243,8 @@ class SequenceSample:
 
 
 def collate_sequences(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest: input_ids / targets / kind / attention_mask (B, T); codes or image stacked."""
+    """Right-pad to the longest: input_ids / targets / kind / attention_mask (B, T), block / position (B, T) when
+    some sample is packed in turn blocks; codes or image stacked."""
     T = max(len(s["input_ids"]) for s in samples)
 
     def pad(key: str, value: int, dtype) -> torch.Tensor:
@@ -233,10 +254,17 @@ def collate_sequences(samples: list[dict], pad_id: int) -> dict:
     out = {"__key__": [s["__key__"] for s in samples], "input_ids": pad("input_ids", pad_id, np.int64),
            "targets": pad("targets", IGNORE, np.int64), "kind": pad("kind", 0, np.int64),
            "attention_mask": torch.from_numpy(np.stack([np.arange(T) < len(s["input_ids"]) for s in samples]).astype(np.int64))}
+    if any("block" in s for s in samples):  # packed turn blocks (plain rows: one block 0, positions 0..T-1)
+        samples = [s if "block" in s else {**s, "block": np.zeros(len(s["input_ids"]), np.int64),
+                                           "position": np.arange(len(s["input_ids"]))} for s in samples]
+        out.update(block=pad("block", 0, np.int64), position=pad("position", 0, np.int64))
     for key in ("codes", "image"):
         if key in samples[0]:
             out[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     return out
+
+
+SEQUENCE_KEYS = ("input_ids", "targets", "kind", "attention_mask", "block", "position")
 
 
 def task_parts(batch: dict) -> list[dict]:
@@ -251,7 +279,7 @@ def task_parts(batch: dict) -> list[dict]:
         part = {"__key__": [k for k, r in zip(batch["__key__"], rows.tolist()) if r]}
         for key, v in batch.items():
             if isinstance(v, torch.Tensor):
-                part[key] = v[rows][:, :T] if key in ("input_ids", "targets", "kind", "attention_mask") else v[rows]
+                part[key] = v[rows][:, :T] if key in SEQUENCE_KEYS else v[rows]
         parts.append(part)
     return parts
 
@@ -404,8 +432,11 @@ class Stage2Task(Task):
         gen = (kind == GEN).any(1)
         und_feats = self.tokenizer.semantic_features(codes[und]) if und.any() else None  # (n_u, N, C)
         gen_codes = codes[gen][..., :L].flatten(1, 2)  # (n_g, N, L_pix)
-        return {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev),
-                "targets": batch["targets"].to(dev), "kind": kind, "und_feats": und_feats, "gen_codes": gen_codes}
+        out = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev),
+               "targets": batch["targets"].to(dev), "kind": kind, "und_feats": und_feats, "gen_codes": gen_codes}
+        if "block" in batch:
+            out.update(block=batch["block"].to(dev), position_ids=batch["position"].to(dev))
+        return out
 
     def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:
         engine = engines["unified"]

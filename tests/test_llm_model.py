@@ -282,3 +282,82 @@ def test_depth_attention_equals_sdpa():
     torch.testing.assert_close(out, h + blk.mlp(blk.ln2(h)))
     step, _ = blk(x[:, 2:], cache=(k[:, :, :2], v[:, :, :2]))  # the last slot from a 2-slot cache
     torch.testing.assert_close(step, out[:, 2:])
+
+
+QA_TURNS = [("Is the square blue? Please answer yes or no.", "Yes"),
+            ("Describe the image.", "Two objects: a square and a triangle. Two objects: a square and a triangle."),
+            ("Is there a red circle? Please answer yes or no.", "No")]
+
+
+def single_turns(qas) -> list[list[dict]]:
+    return [[{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"<image>\n{q}"},
+             {"from": "gpt", "value": a}] for q, a in qas]
+
+
+def test_turn_blocks_pack_single_turn_conversations(text_tok):
+    """mix.independent_turns: the shared prefix (through the image) once, then each turn's remainder as its own
+    block with positions continuing from the prefix; blocks that do not fit max_length are left out."""
+    from llm.stage import SequenceSample
+
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"<image>\n{QA_TURNS[0][0]}"},
+            {"from": "gpt", "value": QA_TURNS[0][1]}]
+    for q, a in QA_TURNS[1:]:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    assert SequenceSample.turn_blocks(conv) == single_turns(QA_TURNS)
+    enc = ConversationEncoder(text_tok, image_positions=16, max_length=512)
+    alone = [enc.encode(c) for c in single_turns(QA_TURNS)]
+    packed = enc.encode_blocks(single_turns(QA_TURNS))
+    P = int(np.flatnonzero(packed.kind == UND)[-1]) + 1
+    assert (packed.block[:P] == 0).all() and (packed.position[:P] == np.arange(P)).all()
+    for k, e in enumerate(alone, 1):
+        rows = packed.block == k
+        assert np.array_equal(packed.input_ids[rows], e.input_ids[P:]) and np.array_equal(packed.targets[rows], e.targets[P:])
+        assert np.array_equal(packed.position[rows], np.arange(P, len(e.input_ids)))
+    assert len(packed.input_ids) == P + sum(len(e.input_ids) - P for e in alone)
+    m = [len(e.input_ids) - P for e in alone]  # each block's length
+    long = 1  # room for every block but the long description: it is left out, the block after it kept
+    assert m[1] > m[2]
+    cut = ConversationEncoder(text_tok, 16, max_length=P + sum(m) - m[long]).encode_blocks(single_turns(QA_TURNS))
+    assert sorted(set(cut.block.tolist())) == [0] + [k + 1 for k in range(3) if k != long]
+    with pytest.raises(SampleError, match="no turn fits"):
+        ConversationEncoder(text_tok, 16, max_length=P + 2).encode_blocks(single_turns(QA_TURNS))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_turn_blocks_train_each_turn_as_if_alone(evo, text_tok, attn):
+    """A packed sample's loss and gradient are those of its single-turn conversations run one by one (each
+    answer sees the image and its own question only), in a padded batch next to a plain generation row."""
+    from llm.stage import collate_sequences
+
+    model = build(evo, text_tok, "qwen2").double().train()
+    model.llm.config._attn_implementation = attn
+    enc = ConversationEncoder(text_tok, model.image_positions, 512)
+    torch.manual_seed(4)
+    codes = [torch.randint(0, 64, (4, 4, 6)).numpy() for _ in range(3)]
+
+    def sample(key, e, c):
+        s = {"__key__": key, "input_ids": e.input_ids, "targets": e.targets, "kind": e.kind, "codes": c}
+        return s if e.block is None else {**s, "block": e.block, "position": e.position}
+
+    def run(samples):
+        b = collate_sequences(samples, 0)
+        gen, und = (b["kind"] == GEN).any(1), (b["kind"] == UND).any(1)
+        kw = {"block": b["block"], "position_ids": b["position"]} if "block" in b else {}
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], targets=b["targets"], kind=b["kind"],
+                    und_feats=evo.semantic_features(b["codes"][und]).double(),
+                    gen_codes=b["codes"][gen][..., :3].flatten(1, 2), **kw)
+        model.zero_grad()
+        (out["text_loss"] * out["text_tokens"] + out["image_loss"] * out["image_codes"]).backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    packed = [sample("a", enc.encode_blocks(single_turns(QA_TURNS)), codes[0]),
+              sample("b", enc.encode_blocks(single_turns(QA_TURNS[2:])), codes[1]), sample("g", enc.encode(GEN_CONV), codes[2])]
+    alone = [sample(f"a{i}", enc.encode(c), codes[0]) for i, c in enumerate(single_turns(QA_TURNS))]
+    alone += [sample("b0", enc.encode(single_turns(QA_TURNS[2:])[0]), codes[1]), sample("g", enc.encode(GEN_CONV), codes[2])]
+    (p_out, p_grads), (a_out, a_grads) = run(packed), run(alone)
+    assert int(p_out["text_tokens"]) == int(a_out["text_tokens"]) > 0
+    tol = {} if attn == "sdpa" else {"rtol": 1e-5, "atol": 1e-6}  # eager's softmax runs in float32
+    for k in ("text_loss", "image_loss"):
+        torch.testing.assert_close(p_out[k], a_out[k], **tol)
+    for g_p, g_a in zip(p_grads, a_grads):
+        torch.testing.assert_close(g_p, g_a, **tol)

@@ -191,6 +191,31 @@ def test_samples_valid_and_match_their_prompt(level, size, n):
             assert answer["value"] == _qa_truth(question["value"], objs, cfg.position_margin), question
 
 
+def test_shape_questions_need_the_shape_and_are_training_only():
+    """shape_questions: "What shape is the <colour> object?" and an existence pair whose two questions differ only
+    in the shape (colour present in both), in the conversations and never in the ``mme`` pairs."""
+    cfg = dataclasses.replace(_cfg("demo", 64), qa_turns=30, shape_questions=True)
+    pairs = 0
+    for i in range(40):
+        rec = json.loads(render_sample(cfg, "train", i)["json"])
+        objs, conv = rec["objects"], rec["conversations"]
+        asked = dict(zip([t["value"] for t in conv[2::2]], [t["value"] for t in conv[3::2]]))
+        assert len(asked) == len(conv[2::2])  # no question twice
+        colors = [o["color"] for o in objs]
+        assert {q for q in asked if q.startswith("What shape")} == {
+            f"What shape is the {c} object?" for c in colors if colors.count(c) == 1}
+        exist = [re.fullmatch(r"Is there an? (\w+) (\w+) in the image\? Please answer yes or no\.", q) for q in asked]
+        by_color: dict = {}
+        for m in filter(None, exist):
+            by_color.setdefault(m.group(1), set()).add((m.group(2), asked[m.group(0)]))
+        pairs += any({a for _, a in v} == {"Yes", "No"} for v in by_color.values())  # same colour, shape decides
+        mme = {q["question"] for v in rec["mme"].values() for q in v}
+        assert not any(q.startswith("What shape") for q in mme)
+        off = dataclasses.replace(cfg, shape_questions=False)
+        assert not any(t["value"].startswith("What shape") for t in json.loads(render_sample(off, "train", i)["json"])["conversations"])
+    assert pairs >= 30
+
+
 def test_qa_pairs_both_asks_whole_pairs_one_never_both():
     for mode in ("both", "one"):
         cfg = dataclasses.replace(_cfg("demo", 64), qa_turns=20, qa_pairs=mode)
@@ -209,6 +234,9 @@ def _qa_truth(q: str, objs: list[dict], margin: float) -> str:
     if m := re.fullmatch(r"What color is the (\w+)\?", q):
         (o,) = _find(objs, m.group(1))  # only asked about a shape that is unique in the image
         return o["color"].capitalize() + "."
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        (o,) = [o for o in objs if o["color"] == m.group(1)]  # only asked about a colour that is unique
+        return o["shape"].capitalize() + "."
     return _mme_truth(q, objs, margin)
 
 

@@ -117,6 +117,8 @@ def test_instruction_conversations_follow_the_mode_weights_and_the_record():
             f"Draw this: {rec['caption']}", ""} <= asks
     only_und = InstructionSample(None, InstructMixConfig(generation=0, mixed=0), ImageConfig(), True)
     assert all(c == rec["conversations"] for c in draw(only_und, rec, 20))
+    blocks = InstructionSample(None, InstructMixConfig(generation=0, mixed=0, independent_turns=True), ImageConfig(), True)
+    assert draw(blocks, rec, 1)[0] == InstructionSample.turn_blocks(rec["conversations"])  # one conversation per turn
     no_mme = InstructionSample(None, InstructMixConfig(understanding=0, generation=0), ImageConfig(), True)
     with pytest.raises(SampleError, match="no <image> conversation"):
         no_mme.conversation({k: v for k, v in rec.items() if k != "mme"}, np.random.default_rng(0))
