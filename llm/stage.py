@@ -147,6 +147,9 @@ class Stage2Config:
             raise ConfigError("data.sources", "no training shards configured")
         if not self.data.read_json:
             raise ConfigError("data.read_json", "stage 2 reads each record's json (conversations, prompts)")
+        if self.mix.independent_turns and self.model.llm.attn_implementation == "flash_attention_2":
+            raise ConfigError("mix.independent_turns", "turn blocks need a 4D attention mask: sdpa or eager "
+                                                       "model.llm.attn_implementation, not flash_attention_2")
 
 
 def model_presets(name: str) -> dict:

@@ -77,6 +77,12 @@ def test_stage2_refuses_codes_from_another_tokenizer(world, tmp_path):
         stage2.main(args(world, tmp_path / "run", 1, "--model.tokenizer", str(tmp_path / "missing")))
 
 
+def test_turn_blocks_refuse_flash_attention(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        stage2.main(args(world, tmp_path / "run", 1, "--model.llm.attn_implementation", "flash_attention_2"))
+    assert "mix.independent_turns" in capsys.readouterr().err
+
+
 def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_path):
     out = tmp_path / "ds"
     deepspeed_launch(ROOT / "launch/stage2.py", args(world, out, 3, "--train.zero_stage", "2"), 29632)
