@@ -419,6 +419,11 @@ def mme_pairs(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) 
     return out
 
 
+def asked(cfg: ShapesConfig, pair: list, rng: np.random.Generator) -> list:
+    """The questions of a yes/no pair a conversation asks: both, or one drawn at random (``qa_pairs``)."""
+    return pair if cfg.qa_pairs == "both" else [pair[rng.integers(len(pair))]]
+
+
 def shape_questions(cfg: ShapesConfig, objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str]]:
     """(question, answer) pairs only the shapes answer: "What shape is the <colour> object?" for every colour
     that one object has, and an existence pair about one object, its shape vs a shape no object of that
@@ -434,7 +439,7 @@ def shape_questions(cfg: ShapesConfig, objects: list[dict], rng: np.random.Gener
         c = o["color"]
         pair = [(f"Is there {article(c)} {c} {o['shape']} in the image?{MME_SUFFIX}", "Yes"),
                 (f"Is there {article(c)} {c} {s} in the image?{MME_SUFFIX}", "No")]
-        out += pair if cfg.qa_pairs == "both" else [pair[rng.integers(2)]]
+        out += asked(cfg, pair, rng)
     return out
 
 
@@ -450,8 +455,7 @@ def conversations(cfg: ShapesConfig, objects: list[dict], text: str, mme: dict, 
         if describe(objects, i) == f"the {o['shape']}":
             pool.append((f"What color is the {o['shape']}?", f"{o['color'].capitalize()}."))
     for pair in mme.values():
-        chosen = pair if cfg.qa_pairs == "both" else [pair[rng.integers(len(pair))]]
-        pool += [(q["question"], q["answer"]) for q in chosen]
+        pool += [(q["question"], q["answer"]) for q in asked(cfg, pair, rng)]
     if cfg.shape_questions:  # none that is one of the MME pairs (asked above, or left out with qa_pairs: one)
         mme_questions = {q["question"] for pair in mme.values() for q in pair}
         pool += [qa for qa in shape_questions(cfg, objects, rng) if qa[0] not in mme_questions]

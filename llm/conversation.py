@@ -156,7 +156,7 @@ class ConversationEncoder:
                      np.arange(P))], P
         for k, e in enumerate(encs, 1):
             m = len(e.input_ids) - P
-            if n + m > self.max_length or m <= 0:
+            if n + m > self.max_length:
                 continue
             parts.append((e.input_ids[P:], e.targets[P:], e.kind[P:], np.full(m, k, np.int64), np.arange(P, P + m)))
             n += m
