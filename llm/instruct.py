@@ -105,7 +105,8 @@ class InstructMixConfig:
     first question (see stage 2's ``mix.shuffle_turns``: no answer copied from an earlier description)."""
     independent_turns: bool = False
     """Understanding: every (question, answer) pair as its own attention block after the shared image (stage
-    2's ``mix.independent_turns``: each answered as if asked alone); the conversation itself is not trained."""
+    2's ``mix.independent_turns``: each answered as if asked alone); the conversation itself is not trained.
+    Takes precedence over ``shuffle_turns``."""
     followups: int = 2
     """Mixed: the most questions after the image (1..followups, uniformly)."""
     prompt_key: str = "prompt"

@@ -64,7 +64,8 @@ class MixConfig:
     """Understanding samples pack every (question, answer) pair as its own attention block after the shared
     image (``ConversationEncoder.encode_blocks``): each answer is trained exactly as if its question were
     asked alone right after the image, as benchmarks ask it, and none can be copied from another turn
-    (a description, an open question, the other question of a yes/no pair). Needs sdpa or eager attention."""
+    (a description, an open question, the other question of a yes/no pair). Needs sdpa or eager attention.
+    Takes precedence over ``shuffle_turns`` and ``single_turn_prob`` (both unused when it is on)."""
     max_length: int = 2048
     """Longest sequence; longer ones are cut after their image, or dropped (counted) if the cut hits it."""
     group_batches: int = 8
