@@ -19,7 +19,7 @@ NPROC  := $(shell nproc 2>/dev/null || echo 1)
 export OMP_NUM_THREADS ?= $(NPROC)
 export WANDB_MODE ?= offline
 
-.PHONY: install test lint demo shapes stage1 stage2 stage3 eval bench clean
+.PHONY: install test lint demo shapes teacher stage1 stage2 stage3 eval bench clean
 
 install: $(STAMP)
 
@@ -40,16 +40,24 @@ lint: install
 
 # The main job on the built-in default: shapes shards -> stage 1 -> codes -> stage 2 -> stage 3 -> shapes eval,
 # timed, ending in one results table (runs/demo/demo.md). Each step is one process with one thread per core.
+# AVX2=1 runs it as on a plain AVX2 CPU without native bf16 (most laptops and VMs; launch/demo.py --emulate-avx2).
 demo: install
-	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE)
+	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE) $(if $(AVX2),--emulate-avx2,)
 
 shapes: install
 	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n-val 500 --level demo
 
-# Stage 1 (tokenizer) on the shapes world, tiny preset, CPU; builds the shards first if absent.
+# The shapes world's semantic teacher (launch/teacher.py, ~1 CPU-minute): what stage 1's semantic decoder regresses.
+teacher: install
+	@test -f $(RUNS)/shapes/demo/manifest.json || $(MAKE) shapes
+	$(PY) launch/teacher.py --config launch/configs/teacher/shapes.yaml --run.out_dir $(RUNS)/teacher/shapes --train.threads $(NPROC)
+
+# Stage 1 (tokenizer) on the shapes world, tiny preset, CPU; builds the shards and the teacher first if absent.
 stage1: install
 	@test -f $(RUNS)/shapes/demo/manifest.json || $(MAKE) shapes
-	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny --train.threads $(NPROC)
+	@test -f $(RUNS)/teacher/shapes/export/teacher/model.safetensors || $(MAKE) teacher
+	$(PY) launch/stage1.py --config launch/configs/stage1/tiny.yaml --run.out_dir $(RUNS)/stage1/tiny --train.threads $(NPROC) \
+		--model.teacher.pretrained $(RUNS)/teacher/shapes/export/teacher
 
 # Stage 2 (one unified LLM) on the shapes world, tiny preset, CPU: the stage-1 tokenizer (built if absent),
 # its codes precomputed into runs/shapes/demo/codes (resumable; redone when the tokenizer changed), then training.

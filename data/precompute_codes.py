@@ -18,6 +18,11 @@ already written with the same tokenizer (``--overwrite`` redoes them). Stage 2 c
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a command: set the OpenMP wait policy before torch loads (unimllm.runtime)
+    from unimllm.runtime import cpu_thread_defaults
+
+    cpu_thread_defaults()
+
 import argparse
 import hashlib
 import json

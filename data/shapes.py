@@ -250,6 +250,43 @@ def coverage(shape: str, box, height: int, width: int, ss: int = 4) -> tuple[tup
     return window, alpha
 
 
+PATCH_SHAPES = ("background", *SHAPES)
+"""Class names of :func:`patch_labels`' ``shape`` (index 0 = no object)."""
+PATCH_COLORS = ("background", *PALETTE)
+"""Class names of :func:`patch_labels`' ``color`` (index 0 = no object)."""
+
+
+def patch_labels(objects: list[dict], image_size: int, grid: int, min_cover: float = 0.2,
+                 ss: int = 2) -> dict[str, np.ndarray]:
+    """Per-cell ground truth of a ``grid x grid`` partition of an ``image_size`` image, from a record's
+    ``objects``: each cell belongs to the object covering most of it, if that object covers at least
+    ``min_cover`` of the cell, else to the background. Returns ``shape`` (g, g) int64 (index into
+    PATCH_SHAPES), ``color`` (g, g) int64 (index into PATCH_COLORS), ``center`` (g, g, 2) float32 (the owner's
+    centre x, y as a fraction of the side; 0.5 for background cells) and ``cover`` (g, g) float32 (the
+    owner's coverage of the cell). What a semantic teacher of the shapes world is trained to see."""
+    if image_size % grid:
+        raise ValueError(f"image size {image_size} is not a multiple of the grid {grid}")
+    c = image_size // grid
+    covers = np.zeros((len(objects) + 1, grid, grid), np.float32)  # row 0: background
+    covers[0] = min_cover
+    for i, obj in enumerate(objects):
+        full = np.zeros((image_size, image_size), np.float32)
+        window, alpha = coverage(obj["shape"], obj["bbox"], image_size, image_size, ss)
+        full[window] = alpha
+        covers[i + 1] = full.reshape(grid, c, grid, c).mean(axis=(1, 3))  # (g, g)
+    owner = covers.argmax(0)  # (g, g): 0 = background
+    shape = np.zeros((grid, grid), np.int64)
+    color = np.zeros((grid, grid), np.int64)
+    center = np.full((grid, grid, 2), 0.5, np.float32)
+    for i, obj in enumerate(objects):
+        cells = owner == i + 1
+        shape[cells] = PATCH_SHAPES.index(obj["shape"])
+        color[cells] = PATCH_COLORS.index(obj["color"])
+        center[cells] = np.asarray(obj["center"], np.float32) / image_size
+    return {"shape": shape, "color": color, "center": center,
+            "cover": np.take_along_axis(covers, owner[None], 0)[0] * (owner > 0)}
+
+
 # ----------------------------------------------------------------------------- GenEval specs
 
 

@@ -194,8 +194,9 @@ class EvalConfig:
     """Seed of everything sampled: GenEval per-image seeds (eval.geneval.SEED_RULE) and the shuffled control."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run (auto = CUDA when available)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """dtype of the unified model's weights (the tokenizer stays fp32)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the unified model's weights (the tokenizer stays fp32); auto = bf16 on a CUDA device with
+    bf16, fp32 elsewhere (a CPU never evaluates in bf16 unless asked: unimllm.precision)."""
     threads: int = 0
     """torch intra-op threads (0 = torch's default)."""
     recon: ReconSuiteConfig = field(default_factory=ReconSuiteConfig)

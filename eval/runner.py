@@ -40,6 +40,7 @@ from eval.report import evaluator_versions, git_state, hash_files, sha256_file, 
 from unimllm.config import to_dict
 from unimllm.distributed import DistInfo, barrier, broadcast_object, gather_objects
 from unimllm.logging import build_logger, print0
+from unimllm.precision import resolve_eval_precision
 
 if TYPE_CHECKING:
     from llm.pipeline import ResolvedTokenizer
@@ -123,6 +124,7 @@ class Run:
         self.images: dict[str, Path] = {}
         self.timings: dict[str, float] = {}
         self.identity: dict = {}
+        self.precision_reason = ""
         self._pipe = None
 
     def read(self, *paths: str | Path) -> None:
@@ -169,6 +171,7 @@ class Run:
                 "seeds": {"seed": cfg.seed, **self.settings.pop("seeds", {})},
                 **self.settings, "data": hash_files(self.files), "evaluators": evaluators,
                 "world_size": self.dist.world_size, "device": str(self.dist.device), "precision": cfg.precision,
+                "precision_reason": self.precision_reason,
                 "timings_s": self.timings}
 
 
@@ -443,9 +446,13 @@ def run(cfg: EvalConfig, dist: DistInfo, argv: Sequence[str] | None = None) -> d
     ckpt = resolve_checkpoint(cfg.ckpt, cfg.suite, cfg.tokenizer)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    requested = cfg.precision
+    cfg.precision, reason = resolve_eval_precision(requested, dist.device)
+    print0(f"eval precision: {cfg.precision} ({reason})", is_main=dist.is_main)
     out = output_dir(cfg, ckpt)
     out.mkdir(parents=True, exist_ok=True)
     r = Run(cfg, dist, ckpt, out)
+    r.precision_reason = reason
     r.identity = broadcast_object(checkpoint_identity(ckpt) if dist.is_main else None)
     scores = SUITES[cfg.suite](r)
     if dist.is_main:

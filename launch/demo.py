@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from unimllm.runtime import AVX2_EMULATION, cpu_thread_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 # preset -> (train scenes, val scenes, extra shapes-world flags); always 4 shards. small's flags: as measured
 # on the GPU (docs/results.md, session 5)
@@ -34,23 +36,31 @@ SHAPES = {"tiny": (4000, 500, []), "small": (40000, 500, ["--world.qa_pairs", "o
 SHARDS = "shapes-train-{000000..000003}.tar"
 
 
-def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[tuple[str, Path, list[str]]]:
-    """(name, output directory, argv) of every step, in order."""
+def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
+          teacher_on: bool = True) -> list[tuple[str, Path, list[str]]]:
+    """(name, output directory, argv) of every step, in order. ``teacher_on=False``: no teacher step, and stage 1
+    trains without the semantic loss (the control that shows what the semantic half of EvoTok buys)."""
     n_train, n_val, world = SHAPES[preset]
     shapes, s1, s2, s3 = runs / "shapes", runs / "stage1", runs / "stage2", runs / "stage3"
+    teacher = runs / "teacher"
     tok = s1 / "export" / "tokenizer"
     codes = str(shapes / "codes" / SHARDS)
     val = ["--val.shards", str(shapes / "val" / "shapes-val-000000.tar"),
            "--val.geneval_prompts", str(shapes / "val" / "geneval_prompts.jsonl")]
     train = ["--train.device", device, "--train.threads", str(threads)]
     py = sys.executable
-    return [
+    semantic = (["--model.teacher.pretrained", str(teacher / "export" / "teacher")] if teacher_on
+                else ["--loss.semantic_weight", "0"])
+    chain = [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
                             "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",
                             *world]),
+        ("teacher", teacher, [py, "launch/teacher.py", "--config", "launch/configs/teacher/shapes.yaml",
+                              "--run.out_dir", str(teacher), "--data.sources.0.shards", str(shapes / "train" / SHARDS),
+                              "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),
         ("stage1", s1, [py, "launch/stage1.py", "--config", f"launch/configs/stage1/{preset}.yaml", "--run.out_dir", str(s1),
                         "--data.sources.0.shards", str(shapes / "train" / SHARDS),
-                        "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),
+                        *semantic, "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),
         ("codes", shapes / "codes", [py, "-m", "data.precompute_codes", "--tokenizer", str(tok), "--no-progress", "--device", device,
                                      "--shards", str(shapes / "train" / SHARDS), "--out", str(shapes / "codes")]),
         ("stage2", s2, [py, "launch/stage2.py", "--config", f"launch/configs/stage2/{preset}.yaml", "--run.out_dir", str(s2),
@@ -63,10 +73,12 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny") -> list[t
                                "--shapes.shards", str(shapes / "val" / "shapes-val-000000.tar"),
                                "--shapes.geneval_prompts", str(shapes / "val" / "geneval_prompts.jsonl")]),
     ]
+    return [step for step in chain if teacher_on or step[0] != "teacher"]
 
 
 def done_marker(name: str, out: Path) -> Path:
-    return {"shapes": out / "manifest.json", "codes": out / "codes_manifest.json", "eval": out / "scores.json"}.get(
+    return {"shapes": out / "manifest.json", "codes": out / "codes_manifest.json", "eval": out / "scores.json",
+            "teacher": out / "export" / "teacher"}.get(
         name, out / "export")
 
 
@@ -80,16 +92,22 @@ def table(runs: Path, times: dict[str, float]) -> tuple[str, dict]:
     """The results table (markdown) and its numbers."""
     scores = json.loads((runs / "stage3" / "eval" / "scores.json").read_text())
     s1 = last_val(runs / "stage1" / "metrics.jsonl")
+    teacher = last_val(runs / "teacher" / "metrics.jsonl") if (runs / "teacher" / "metrics.jsonl").is_file() else {}
     mme, gen = scores["shapes_mme"], scores["shapes_geneval"]
     subtasks = [k[:-4] for k in mme if k.endswith("/acc") and "/" in k]
     acc = sum(mme[f"{t}/acc"] for t in subtasks) / len(subtasks)
     acc_plus = sum(mme[f"{t}/acc_plus"] for t in subtasks) / len(subtasks)
     ctrl = gen["control"]
     out = {"recon_psnr": scores["recon"]["psnr"], "stage1_scorer_accept": s1.get("val/shapes_accept"),
+           "teacher_cell_shape_acc": teacher.get("val/shape_acc"), "teacher_cell_color_acc": teacher.get("val/color_acc"),
            "mme_acc": acc, "mme_acc_plus": acc_plus, "mme": {t: [mme[f"{t}/acc"], mme[f"{t}/acc_plus"]] for t in subtasks},
            "geneval": gen["overall"], "geneval_control": ctrl["overall"], "geneval_tags": gen["tags"],
            "geneval_control_tags": ctrl["tags"], "wall_s": times}
-    lines = ["| metric | value |", "|---|---|",
+    lines = ["| metric | value |", "|---|---|"]
+    if teacher:
+        lines.append(f"| semantic teacher: held-out per-cell shape / colour accuracy (object cells) | "
+                     f"{teacher['val/shape_acc']:.3f} / {teacher['val/color_acc']:.3f} |")
+    lines += [
              f"| recon PSNR (held-out, stage-1 tokenizer) | {out['recon_psnr']:.2f} dB |",
              f"| shapes-scorer acceptance of reconstructions (stage 1 val) | {100 * (out['stage1_scorer_accept'] or 0):.1f}% |",
              f"| shapes-MME acc / acc+ (mean of {len(subtasks)} subtasks) | {acc:.1f} / {acc_plus:.1f} |"]
@@ -108,16 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", choices=sorted(SHAPES), help="tiny (default on cpu) or small (default on cuda)")
     ap.add_argument("--keep", action="store_true", help="skip stages whose outputs exist instead of redoing them")
+    ap.add_argument("--no-teacher", action="store_true",
+                    help="control: no semantic teacher, stage 1 with semantic loss 0 (a plain residual-VQ autoencoder)")
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="run every step as on a plain AVX2 CPU without native bf16 (ATEN_CPU_CAPABILITY=avx2 "
+                         "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2): what most laptops and VMs run")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
     preset = args.preset or ("small" if args.device == "cuda" else "tiny")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    cpu_thread_defaults(env)  # OMP_WAIT_POLICY=PASSIVE unless set: a busy core slows the chain, never stalls it
+    if args.emulate_avx2:
+        env.update(AVX2_EMULATION)
     if args.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("WANDB_MODE", "offline")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    for name, out, cmd in steps(runs, args.threads, args.device, preset):
+    for name, out, cmd in steps(runs, args.threads, args.device, preset, not args.no_teacher):
         if args.keep and done_marker(name, out).exists():
             print(f"[demo] {name}: kept {out}", flush=True)
             continue

@@ -20,6 +20,10 @@ from __future__ import annotations
 import os
 import sys
 
+from unimllm.runtime import cpu_thread_defaults
+
+cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
+
 from eval.config import EvalConfig
 from eval.runner import run
 from unimllm.config import parse_cli

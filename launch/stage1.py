@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from unimllm.runtime import cpu_thread_defaults
+
+cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
+
 from tokenizer.stage import Stage1Config, Stage1Task, model_presets
 from unimllm.config import parse_cli
 from unimllm.distributed import init_distributed

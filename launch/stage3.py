@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 import sys
 
+from unimllm.runtime import cpu_thread_defaults
+
+cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
+
 from llm.instruct import Stage3Config, Stage3Task
 from unimllm.config import parse_cli
 from unimllm.distributed import init_distributed

@@ -11,15 +11,25 @@ import demo  # launch/ is on pytest's pythonpath
 
 def test_steps_are_argument_lists_in_chain_order(tmp_path):
     steps = demo.steps(tmp_path, threads=2, device="cpu")
-    assert [name for name, _, _ in steps] == ["shapes", "stage1", "codes", "stage2", "stage3", "eval"]
+    assert [name for name, _, _ in steps] == ["shapes", "teacher", "stage1", "codes", "stage2", "stage3", "eval"]
     for _, out, cmd in steps:
         assert isinstance(cmd, list) and all(isinstance(a, str) for a in cmd)
         assert str(out).startswith(str(tmp_path))
     by = {name: cmd for name, _, cmd in steps}
-    for name in ("stage1", "stage2", "stage3"):
+    for name in ("teacher", "stage1", "stage2", "stage3"):
         assert by[name][by[name].index("--train.threads") + 1] == "2"
+    # stage 1 regresses the teacher the chain trains first
+    assert by["stage1"][by["stage1"].index("--model.teacher.pretrained") + 1] == str(tmp_path / "teacher" / "export" / "teacher")
+    assert by["teacher"][by["teacher"].index("--run.out_dir") + 1] == str(tmp_path / "teacher")
     assert by["stage3"][by["stage3"].index("--init_from") + 1] == str(tmp_path / "stage2" / "export" / "unified")
     assert by["eval"][by["eval"].index("--ckpt") + 1] == str(tmp_path / "stage3" / "export" / "unified")
+
+
+def test_teacher_off_control_drops_the_teacher_and_the_semantic_loss(tmp_path):
+    steps = demo.steps(tmp_path, threads=2, device="cpu", teacher_on=False)
+    assert [name for name, _, _ in steps] == ["shapes", "stage1", "codes", "stage2", "stage3", "eval"]
+    s1 = dict((n, c) for n, _, c in steps)["stage1"]
+    assert s1[s1.index("--loss.semantic_weight") + 1] == "0" and "--model.teacher.pretrained" not in s1
 
 
 def test_presets_pick_their_configs_and_scene_counts(tmp_path):

@@ -16,14 +16,15 @@ from llm.instruct import Stage3Config
 from llm.stage import Stage2Config
 from llm.stage import model_presets as stage2_presets
 from tokenizer.stage import Stage1Config, model_presets
+from tokenizer.teacher import TeacherStageConfig
 from unimllm.config import field_docs, load_config, preset_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # launch/configs/<folder>/*.yaml -> the root config class of that folder. A new folder must be added here.
 CONFIG_CLASSES: dict[str, type] = {"data": DataConfig, "stage1": Stage1Config, "stage2": Stage2Config,
-                                   "stage3": Stage3Config, "eval": EvalConfig}
+                                   "stage3": Stage3Config, "eval": EvalConfig, "teacher": TeacherStageConfig}
 PRESETS = {Stage1Config: ("model_preset", model_presets), Stage2Config: ("model_preset", stage2_presets)}  # classes whose YAMLs start from a preset
-ROOT_CLASSES = [DataConfig, ShapesConfig, Stage1Config, Stage2Config, Stage3Config, EvalConfig]
+ROOT_CLASSES = [DataConfig, ShapesConfig, Stage1Config, Stage2Config, Stage3Config, EvalConfig, TeacherStageConfig]
 PACKAGES = ("unimllm", "tokenizer", "llm", "data", "eval")
 YAMLS = sorted((ROOT / "launch/configs").rglob("*.yaml"))
 

@@ -16,11 +16,12 @@ from unimllm.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny preset shrunk further so a step takes well under a second on a shared 2-core CPU.
+# The tiny preset shrunk further so a step takes well under a second on a shared 2-core CPU; a random-init
+# teacher instead of the shapes teacher the preset names (tests/test_teacher.py trains and uses that one).
 SMALL = ["--model.pixel_decoder.channels", "16", "--model.pixel_decoder.z_channels", "16",
          "--model.pixel_decoder.channel_mult", "1,1,2,2", "--model.quantizer.codebook_size", "64",
          "--model.quantizer.depth_sem", "4", "--model.quantizer.depth_pix", "2",
-         "--model.encoder.hidden_size", "32", "--model.teacher.hidden_size", "32",
+         "--model.encoder.hidden_size", "32", "--model.teacher.pretrained", "", "--model.teacher.hidden_size", "32",
          "--model.semantic_decoder.width", "32", "--loss.semantic_weight", "0.1",  # the teacher path too
          "--data.batch_size", "4", "--val.batch_size", "12",  # 12 does not divide max_images
          "--val.max_images", "16", "--val.grid_images", "4", "--train.log_every", "1", "--run.wandb_mode", "disabled"]

@@ -206,7 +206,8 @@ class SemanticDecoder(nn.Module):
         W = cfg.width
         head_dim = cfg.head_dim or W // cfg.num_heads
         self.grid_size = grid_size
-        self.patch_embed = nn.Conv2d(latent_dim, W, 1)
+        k = cfg.embed_kernel
+        self.patch_embed = nn.Conv2d(latent_dim, W, k, padding=k // 2)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, W))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size * grid_size + 1, W))
         self.blocks = nn.ModuleList(Block(W, cfg.num_heads, head_dim, cfg.mlp_ratio) for _ in range(cfg.depth))

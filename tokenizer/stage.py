@@ -99,7 +99,6 @@ class Stage1Config:
     """The loop."""
     run: RunConfig = field(default_factory=RunConfig)
     """Output directory and logging."""
-
     def validate(self) -> None:
         if self.data.image.resolution != self.model.encoder.image_size:
             raise ConfigError("data.image.resolution",

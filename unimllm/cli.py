@@ -21,6 +21,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from unimllm.runtime import cpu_thread_defaults
+
+cpu_thread_defaults()  # before torch loads (commands import it lazily): OpenMP reads its wait policy once
+
 from unimllm import __version__
 from unimllm.artifacts import ArtifactError, describe, tokenizer_export, training_checkpoint, unified_export
 

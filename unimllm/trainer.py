@@ -28,6 +28,7 @@ from unimllm.checkpoint import Checkpointer, latest_checkpoint
 from unimllm.config import ConfigError, dump_config, to_dict
 from unimllm.distributed import DistInfo, all_reduce_sums, build_engine, deepspeed_config, grad_norm
 from unimllm.logging import Logger, build_logger, print0
+from unimllm.precision import resolve_train_precision
 
 
 @dataclass
@@ -88,10 +89,15 @@ class TrainConfig:
     """Optimizer steps to train for."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    precision: Literal["fp32", "bf16", "fp16", "bf16-autocast"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-autocast"] = "fp32"
     """Training precision: DeepSpeed mixed precision for bf16/fp16 (low-precision weights, fp32 master copy);
     bf16-autocast keeps fp32 weights and optimizer and runs the forward under torch.autocast(bfloat16)
-    (matmuls in bf16: 1.7x faster stage-2 steps on a CPU with AVX512-BF16, docs/performance.md)."""
+    (matmuls in bf16: 1.7x faster stage-2 steps on a CPU with AVX512-BF16, docs/performance.md); auto =
+    bf16-autocast where the device computes bf16 natively (CUDA with bf16, a CPU with AVX512_BF16 or AMX),
+    else fp32 (an emulated bf16 matmul is ~16-100x slower; unimllm.precision). The run's config.yaml records
+    what auto resolved to."""
+    precision_reason: str = ""
+    """Written by the trainer, not read: why ``precision`` is what it is (auto's choice), kept in config.yaml."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = off)."""
     zero_stage: int = 0
@@ -242,6 +248,8 @@ class Trainer:
         cfg = self.cfg
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.threads or max(1, (len(os.sched_getaffinity(0)) // local)))
+        cfg.precision, cfg.precision_reason = resolve_train_precision(cfg.precision, self.dist.device)
+        print0(f"precision: {cfg.precision} ({cfg.precision_reason})", is_main=self.dist.is_main)
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.task.setup(self.dist)
         if cfg.precision == "bf16-autocast":

@@ -1,0 +1,32 @@
+"""Stage 0 (shapes world only): train the semantic teacher that stage 1's semantic decoder regresses.
+
+    python launch/teacher.py --config launch/configs/teacher/shapes.yaml [--dotted.key VALUE ...]
+
+The shapes world has no pretrained SigLIP2, so `make demo` trains a small SigLIP-architecture tower on the
+per-cell object labels the world knows at render time (tokenizer/teacher.py). Writes
+<run.out_dir>/{config.yaml, metrics.jsonl, checkpoints/, export/teacher/}; export/teacher is a Hugging Face
+model directory for stage 1's `model.teacher.pretrained` (with `model.teacher.feature_layer: -1`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from unimllm.runtime import cpu_thread_defaults
+
+cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
+
+from tokenizer.teacher import TeacherStageConfig, TeacherTask
+from unimllm.config import parse_cli
+from unimllm.distributed import init_distributed
+from unimllm.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    cfg = parse_cli(TeacherStageConfig, argv)
+    dist = init_distributed(cfg.train.device)
+    return Trainer(TeacherTask(cfg), run=cfg.run, train=cfg.train, dist=dist, config=cfg).fit()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
