@@ -50,7 +50,7 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
     train = ["--train.device", device, "--train.threads", str(threads)]
     py = sys.executable
     semantic = (["--model.teacher.pretrained", str(teacher / "export" / "teacher")] if teacher_on
-                else ["--loss.semantic_weight", "0"])
+                else ["--loss.semantic_weight", "0", "--model.teacher.pretrained", ""])
     chain = [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
                             "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",

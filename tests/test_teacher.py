@@ -99,3 +99,28 @@ def test_stage1_tiny_trains_with_the_teacher(shapes, trained, tmp_path):
     assert len(sem) == 3 and all(0 < s < 4 for s in sem)  # cosine + chunked cosine, each in [0, 2]
     saved = json.loads((out / "export" / "tokenizer" / "config.json").read_text())
     assert saved["teacher"]["hidden_size"] == 32 and saved["teacher"]["pretrained"] == ""
+
+
+def test_semantic_refinement_trains_only_the_semantic_decoder(shapes, trained, tmp_path):
+    """loss.semantic_refine_steps: the last steps move the semantic decoder and nothing else (encoder, pixel
+    decoder and codebooks frozen, no EMA update), at their own decaying learning rate. A 2-step run and a
+    4-step run whose last 2 steps refine share their first 2 steps, so their exports differ only there."""
+    from safetensors.torch import load_file
+    from test_stage1 import SMALL
+
+    small = list(SMALL)
+    i = small.index("--model.teacher.pretrained")
+    small[i:i + 4] = []
+    common = ["--config", str(ROOT / "launch/configs/stage1/tiny.yaml"), *small,
+              "--model.teacher.pretrained", str(trained / "export" / "teacher"), "--val.shards", "",
+              "--data.sources.0.shards", str(shapes / "train/shapes-train-{000000..000001}.tar"),
+              "--train.schedule.decay_steps", "2"]
+    stage1.main([*common, "--train.steps", "2", "--run.out_dir", str(tmp_path / "a")])
+    stage1.main([*common, "--train.steps", "4", "--loss.semantic_refine_steps", "2", "--run.out_dir", str(tmp_path / "b")])
+    a, b = (load_file(str(tmp_path / r / "export" / "tokenizer" / "model.safetensors")) for r in "ab")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("semantic_decoder.") for k in moved), sorted(moved)[:5]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    refine = {r["step"]: r for r in rows if "train/loss/semantic_refine" in r}
+    assert sorted(refine) == [3, 4] and refine[3]["train/semantic_refine_lr"] > refine[4]["train/semantic_refine_lr"]
+    assert [r["step"] for r in rows if "train/loss/rec" in r] == [1, 2]

@@ -22,11 +22,11 @@ from data.loader import StreamingLoader, eval_loader
 from data.transforms import denormalize, normalize
 from eval.metrics import psnr, ssim
 from tokenizer.config import TokenizerConfig, preset
-from tokenizer.losses import TokenizerLoss
+from tokenizer.losses import TokenizerLoss, semantic_loss
 from tokenizer.model import EvoTokenizer
 from unimllm.config import ConfigError, to_dict
 from unimllm.distributed import DistInfo, all_reduce_sums, gathered_parameters
-from unimllm.trainer import OptimConfig, RunConfig, Task, TrainConfig
+from unimllm.trainer import OptimConfig, RunConfig, ScheduleConfig, Task, TrainConfig
 
 
 @dataclass
@@ -63,6 +63,11 @@ class LossConfig:
     """Weight of cosine + chunked cosine against the teacher (0 = no teacher forward)."""
     semantic_chunks: int = 4
     """Channel chunks of the chunked cosine."""
+    semantic_refine_steps: int = 0
+    """The last N of train.steps train the semantic decoder alone, on the codes of the (then frozen) encoder
+    and codebooks, at optim.lr with its own cosine decay (set train.schedule.decay_steps to the steps before
+    them). The decoder learns to gather an object's shape from neighbouring codes much faster once the codes
+    stop moving (docs/results.md); each such step costs a fraction of a joint one (no pixel decoder)."""
 
 
 @dataclass
@@ -100,6 +105,10 @@ class Stage1Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Output directory and logging."""
     def validate(self) -> None:
+        refine = self.loss.semantic_refine_steps
+        if refine and (self.loss.semantic_weight <= 0 or refine >= self.train.steps):
+            raise ConfigError("loss.semantic_refine_steps",
+                              f"{refine} needs semantic_weight > 0 and fewer than train.steps ({self.train.steps})")
         if self.data.image.resolution != self.model.encoder.image_size:
             raise ConfigError("data.image.resolution",
                               f"{self.data.image.resolution} != model.encoder.image_size {self.model.encoder.image_size}")
@@ -134,7 +143,12 @@ class Stage1Task(Task):
         self.loader = StreamingLoader(cfg.data, rank=dist.rank, world_size=dist.world_size)
 
     def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        out = {"tokenizer": (self.model, self.cfg.optim.build(self.model.trainable_parameters(), self.device))}
+        # Two groups, one rate: the semantic refinement sets the first to 0 (Adam's momentum would otherwise keep
+        # moving the frozen parts) and decays the second on its own.
+        sem = {id(p) for p in self.model.semantic_decoder.parameters()}
+        params = self.model.trainable_parameters()
+        groups = [{"params": [p for p in params if id(p) not in sem]}, {"params": [p for p in params if id(p) in sem]}]
+        out = {"tokenizer": (self.model, self.cfg.optim.build(groups, self.device))}
         if self.cfg.loss.disc_weight > 0:
             disc = self.loss.discriminator
             out["discriminator"] = (disc, self.cfg.optim.build(disc.parameters(), self.device))
@@ -149,6 +163,9 @@ class Stage1Task(Task):
     def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:
         gen = engines["tokenizer"]
         x = normalize(batch["image"].to(self.device))  # (B, 3, H, W) in [-1, 1]
+        start = self.cfg.train.steps - self.cfg.loss.semantic_refine_steps
+        if self.cfg.loss.semantic_refine_steps and step >= start:
+            return self._refine_step(gen, x, step - start)
         with self.forward_context():
             out = gen(x)
             target = self.model.teacher_features(x) if self.cfg.loss.semantic_weight > 0 else None
@@ -171,6 +188,22 @@ class Stage1Task(Task):
             metrics[f"codebook/perplexity_d{d + 1}"] = float(q.perplexity[d])
         metrics["codebook/restarts"] = float(q.restarts.sum())
         return metrics
+
+    def _refine_step(self, gen, x: torch.Tensor, i: int) -> dict[str, float]:
+        """``loss.semantic_refine_steps``: the semantic decoder alone on frozen codes (no EMA update)."""
+        n, L = self.cfg.loss.semantic_refine_steps, self.cfg.loss
+        lr = self.cfg.optim.lr * ScheduleConfig(kind="cosine", min_lr_ratio=0.05).factor(i, n)
+        rest, sem = gen.optimizer.param_groups  # optimizers(): everything else, then the semantic decoder
+        rest["lr"], sem["lr"] = 0.0, lr
+        with torch.no_grad():
+            z_q = self.model.quantizer.decode(self.model.encode(x), self.cfg.model.quantizer.depth_sem)  # (B, h, w, D)
+            target = self.model.teacher_features(x)  # (B, N, C_t)
+        with self.forward_context():
+            pred = self.model.semantic_decoder(z_q.to(self.model.semantic_decoder.pos_embed.dtype))  # (B, N, C_t)
+            sem = semantic_loss(pred, target, L.semantic_chunks) * L.semantic_weight
+        gen.backward(sem)
+        gen.step()
+        return {"loss/semantic_refine": float(sem.detach()), "semantic_refine_lr": lr}
 
     def count(self, batch: Any) -> dict[str, int]:
         return {"images": len(batch["__key__"])}

@@ -43,15 +43,23 @@ class ScheduleConfig:
     """Warm-up as a fraction of train.steps (e.g. 0.03)."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak (cosine/linear)."""
+    decay_steps: int = 0
+    """Steps the warm-up + decay span (0 = train.steps); later steps stay at min_lr_ratio (e.g. a final phase
+    whose task sets its own rates, as stage 1's semantic refinement)."""
 
     def validate(self) -> None:
+        if self.decay_steps < 0:
+            raise ConfigError("decay_steps", f"must be >= 0, got {self.decay_steps}")
         if self.warmup_steps and self.warmup_ratio:
             raise ConfigError("warmup_ratio", "set warmup_steps or warmup_ratio, not both")
         if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
             raise ConfigError("warmup_ratio", "warm-up must be >= 0 steps and a ratio in [0, 1)")
 
     def factor(self, step: int, total: int) -> float:
-        """LR multiplier for optimizer step ``step`` (0-based) of ``total``."""
+        """LR multiplier for optimizer step ``step`` (0-based) of ``total`` (``decay_steps`` when set)."""
+        total = self.decay_steps or total
+        if step >= total:
+            return self.min_lr_ratio if self.kind != "constant" else 1.0
         warm = self.warmup_steps or int(self.warmup_ratio * total)
         if step < warm:
             return (step + 1) / warm
