@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from unimllm.runtime import AVX2_EMULATION, cpu_thread_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # on the GPU (docs/results.md, session 5)
 SHAPES = {"tiny": (4000, 500, []), "small": (40000, 500, ["--world.qa_pairs", "one"])}
 SHARDS = "shapes-train-{000000..000003}.tar"
+
+
+def joint_steps_only(preset: str) -> list[str]:
+    """Overrides that train a preset's stage 1 for its joint steps only: the control has no semantic loss, so
+    no semantic-refinement phase either (its pixel path trains exactly as with the teacher)."""
+    cfg = yaml.safe_load((ROOT / "launch" / "configs" / "stage1" / f"{preset}.yaml").read_text())
+    refine = cfg.get("loss", {}).get("semantic_refine_steps", 0)
+    if not refine:
+        return []
+    return ["--loss.semantic_refine_steps", "0", "--train.steps", str(cfg["train"]["steps"] - refine)]
 
 
 def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
@@ -50,7 +62,7 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
     train = ["--train.device", device, "--train.threads", str(threads)]
     py = sys.executable
     semantic = (["--model.teacher.pretrained", str(teacher / "export" / "teacher")] if teacher_on
-                else ["--loss.semantic_weight", "0", "--model.teacher.pretrained", ""])
+                else ["--loss.semantic_weight", "0", "--model.teacher.pretrained", "", *joint_steps_only(preset)])
     chain = [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
                             "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import demo  # launch/ is on pytest's pythonpath
+import yaml
 
 
 def test_steps_are_argument_lists_in_chain_order(tmp_path):
@@ -31,6 +32,10 @@ def test_teacher_off_control_drops_the_teacher_and_the_semantic_loss(tmp_path):
     s1 = dict((n, c) for n, _, c in steps)["stage1"]
     assert s1[s1.index("--loss.semantic_weight") + 1] == "0"
     assert s1[s1.index("--model.teacher.pretrained") + 1] == ""  # no teacher directory is read
+    # no semantic refinement either: the joint steps only, so the pixel path trains exactly as with the teacher
+    cfg = yaml.safe_load((demo.ROOT / "launch/configs/stage1/tiny.yaml").read_text())
+    assert s1[s1.index("--loss.semantic_refine_steps") + 1] == "0"
+    assert int(s1[s1.index("--train.steps") + 1]) == cfg["train"]["steps"] - cfg["loss"]["semantic_refine_steps"]
 
 
 def test_presets_pick_their_configs_and_scene_counts(tmp_path):

@@ -23,6 +23,7 @@ SMALL = ["--model.pixel_decoder.channels", "16", "--model.pixel_decoder.z_channe
          "--model.quantizer.depth_sem", "4", "--model.quantizer.depth_pix", "2",
          "--model.encoder.hidden_size", "32", "--model.teacher.pretrained", "", "--model.teacher.hidden_size", "32",
          "--model.semantic_decoder.width", "32", "--loss.semantic_weight", "0.1",  # the teacher path too
+         "--loss.semantic_refine_steps", "0", "--train.schedule.decay_steps", "0",  # runs of a few steps
          "--data.batch_size", "4", "--val.batch_size", "12",  # 12 does not divide max_images
          "--val.max_images", "16", "--val.grid_images", "4", "--train.log_every", "1", "--run.wandb_mode", "disabled"]
 
