@@ -10,7 +10,7 @@ then rename). A good sample keeps every member byte for byte (a ``.jpeg`` member
 the loader's name for it; members are in the writer's order) and gets ``codes.npy`` (replacing any old
 one): the codes of its image decoded and center-cropped exactly as the loader's ``ImageTextDecoder`` does
 at the tokenizer's resolution, uint16 when the codebook has <= 65536 codes, else int32. Bad samples are
-skipped and counted per reason. ``<out>/codes_manifest.json`` records the tokenizer (directory, sha256 of
+skipped and counted per reason. ``<out>/codes_manifest.json`` records the tokenizer (directory, sha256 of the tensors of
 ``model.safetensors``), grid, depth, codebook size, resolution and per-shard counts; a re-run skips shards
 already written with the same tokenizer (``--overwrite`` redoes them). Stage 2 checks its tokenizer with
 :func:`tokenizer_fingerprint` and :func:`codes_mismatch`.
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "codes_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: tokenizer_sha256 is the tensors' fingerprint (1: the file's bytes)
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,11 +66,31 @@ class PrecomputeError(ValueError):
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
-    """sha256 (hex) of the tokenizer's ``model.safetensors``: identifies the weights that made the codes."""
+    """sha256 (hex) of the tensors of the tokenizer's ``model.safetensors``: every tensor's name, dtype, shape and
+    bytes, in name order. It identifies the weights that made the codes: equal weights give equal fingerprints
+    whatever the file's header layout (safetensors writes its metadata keys in a per-process order, so the
+    file's own bytes differ between two exports of the same weights)."""
+    path = Path(tokenizer_dir) / "model.safetensors"
     h = hashlib.sha256()
-    with open(Path(tokenizer_dir) / "model.safetensors", "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise PrecomputeError("tokenizer", f"{path}: not a safetensors file ({e})") from None
+        start = 8 + n
+        for name in sorted(k for k in header if k != "__metadata__"):
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            h.update(json.dumps([name, entry["dtype"], entry["shape"], end - begin]).encode())
+            f.seek(start + begin)
+            left = end - begin
+            while left > 0:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    raise PrecomputeError("tokenizer", f"{path}: truncated (tensor {name})")
+                h.update(chunk)
+                left -= len(chunk)
     return h.hexdigest()
 
 

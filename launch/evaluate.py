@@ -28,6 +28,7 @@ from eval.config import EvalConfig
 from eval.runner import run
 from unimllm.config import parse_cli
 from unimllm.distributed import init_distributed
+from unimllm.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,4 +40,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():  # one line and exit status 2 (3: diverged), not a traceback
+        main(sys.argv[1:])

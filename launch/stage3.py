@@ -22,6 +22,7 @@ cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (
 from llm.instruct import Stage3Config, Stage3Task
 from unimllm.config import parse_cli
 from unimllm.distributed import init_distributed
+from unimllm.errors import user_errors
 from unimllm.trainer import Trainer
 
 
@@ -33,4 +34,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():  # one line and exit status 2 (3: diverged), not a traceback
+        main(sys.argv[1:])

@@ -39,7 +39,7 @@ class ResolvedTokenizer:
     path: Path
     """Its directory (``config.json`` + ``model.safetensors``)."""
     sha256: str
-    """sha256 of its ``model.safetensors``, equal to the one the export records."""
+    """sha256 of its ``model.safetensors`` tensors (tokenizer_fingerprint), equal to the one the export records."""
 
 
 def resolve_tokenizer(export_dir: str | Path, tokenizer_dir: str | Path | None = None, *,

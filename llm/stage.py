@@ -565,8 +565,10 @@ class Stage2Task(Task):
     def images(self, engines: dict[str, Any], step: int) -> dict[str, Image.Image]:
         if not self.cfg.val.geneval_prompts:
             return {}
+        zero3 = self.cfg.train.zero_stage == 3
         with gathered_parameters(self.model, self.cfg.train.zero_stage):  # collective: every rank enters
-            return self._images() if self.dist.is_main else {}
+            images = self._images() if self.dist.is_main or zero3 else {}  # ZeRO-3: every rank runs the forwards
+        return images if self.dist.is_main else {}
 
     def _images(self) -> dict[str, Image.Image]:
         v = self.cfg.val

@@ -279,13 +279,15 @@ class Stage1Task(Task):
         return out
 
     def images(self, engines: dict[str, Any], step: int) -> dict[str, Image.Image]:
-        if not self.cfg.val.shards or not self.dist.is_main:
-            return {}
+        if not self.cfg.val.shards or not (self.dist.is_main or self.cfg.train.zero_stage == 3):
+            return {}  # ZeRO-3: every rank runs the same forwards (their parameter all-gathers are collective)
         batch = next(iter(self._val_loader()))
         x = normalize(batch["image"][: self.cfg.val.grid_images].to(self.device))
         self.model.eval()
         rec = self._reconstruct(x)
         self.model.train()
+        if not self.dist.is_main:
+            return {}
         top, bottom = np.concatenate(list(denormalize(x)), 1), np.concatenate(list(denormalize(rec)), 1)
         return {"val/reconstructions": Image.fromarray(np.concatenate([top, bottom], 0))}
 

@@ -8,13 +8,17 @@ Layout of one checkpoint (``<run>/checkpoints/step_00000100/``)::
 
 Everything is written into ``step_XXXXXXXX.tmp/`` and renamed to its final name by rank 0 only after
 every rank finished, so a crash mid-save leaves the previous checkpoint as the latest usable one.
-``rank_*.pt`` holds only tensors and plain containers and is read with ``weights_only=True``.
+``rank_*.pt`` holds only tensors and plain containers and is read with ``weights_only=True``. DeepSpeed's own
+loaders call ``torch.load(weights_only=False)``, which would run any code pickled into a tampered checkpoint;
+:meth:`Checkpointer.load` runs them inside :func:`weights_only_loads`, so resuming never unpickles code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -55,6 +59,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def read_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (its meta.json)."""
+    return int(json.loads((Path(path) / META).read_text())["step"])
+
+
 def rng_state() -> dict[str, Any]:
     """All RNG states of this process as weights_only-loadable objects."""
     np_state = np.random.get_state()
@@ -78,6 +87,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (incomplete, foreign, or holding pickled code)."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few non-container types DeepSpeed writes into its checkpoint files (plain values, no callables)."""
+    out: list = []
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        out += [LossScaler, DynamicLossScaler]
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    with contextlib.suppress(ImportError):
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    return out
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside the block (DeepSpeed's loaders pass ``weights_only=False``) runs with
+    ``weights_only=True``: tensors, plain containers and DeepSpeed's value types load; a pickled callable is
+    refused with ``pickle.UnpicklingError`` instead of being run."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
 
 
 class Checkpointer:
@@ -125,14 +172,26 @@ class Checkpointer:
         path = Path(path)
         meta = json.loads((path / META).read_text())
         if meta.get("world_size") != self.dist.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path}: saved with world size {meta.get('world_size')}, now {self.dist.world_size}; "
                 "exact resume needs the same world size"
             )
         for name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(str(path / name), tag=ENGINE_TAG)
+            try:
+                with weights_only_loads():
+                    load_path, _ = engine.load_checkpoint(str(path / name), tag=ENGINE_TAG)
+            except pickle.UnpicklingError as e:
+                reason = str(e).strip().splitlines()[0][:200]
+                raise CheckpointError(
+                    f"{path / name}: refused: a file of this checkpoint holds pickled objects other than tensors "
+                    f"and plain values ({reason}); resuming never unpickles code. Resume from another "
+                    "checkpoint (train.resume PATH) or start fresh (train.resume: never)") from None
             if load_path is None:
-                raise RuntimeError(f"{path / name}: DeepSpeed found no checkpoint to load")
-        rank_state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", weights_only=True)
+                raise CheckpointError(f"{path / name}: DeepSpeed found no checkpoint to load")
+        try:
+            rank_state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path / f'rank_{self.dist.rank:05d}.pt'}: refused: not weights-only "
+                                  f"({str(e).strip().splitlines()[0][:200]})") from None
         set_rng_state(rank_state.pop("rng"))
         return meta, rank_state

@@ -40,6 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _no_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op the first time it starts in an environment
+    (about 30 s with a C++ compiler; a fresh clone's ``make demo`` paid it in its first step). Our CPU runs
+    communicate through torch.distributed's gloo, so the op is marked incompatible and never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed once (gloo on CPU, nccl on CUDA) and return this process's place."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -59,6 +68,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         dev = torch.device("cpu")
+        _no_shm_comm_op()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -81,6 +91,15 @@ def all_reduce_sums(values: dict[str, float], device: torch.device | str = "cpu"
     t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any (one small all-reduce; no-op for a world of one)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,13 +46,28 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _row_step(line: str) -> int:
+    """The step of one metrics.jsonl row (a torn last line from a kill counts as after every checkpoint)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
+
+
 class JsonlLogger:
     """One JSON object per ``log`` call in ``<dir>/metrics.jsonl``; images as PNG under ``<dir>/images``."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        path = self.dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():  # rows logged after the checkpoint are logged again
+            keep = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and _row_step(line) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.f = open(path, "a", buffering=1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.f.write(json.dumps({"step": step, "time": round(time.time(), 3),
@@ -73,7 +89,12 @@ class WandbLogger:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config,
+        id_file = Path(run_dir) / "wandb_run_id"  # one W&B run per run directory: a resumed run continues it
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+            id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, id=run_id,
                               mode=os.environ.get("WANDB_MODE", mode), resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -122,11 +143,12 @@ class MultiLogger:
 
 
 def build_logger(run_dir: str | Path, *, is_main: bool, wandb_mode: str, project: str, name: str,
-                 config: dict, console_keys: tuple[str, ...] = ()) -> Logger:
-    """JSONL + console (+ W&B unless disabled) on rank 0; a NullLogger elsewhere."""
+                 config: dict, console_keys: tuple[str, ...] = (), resume_step: int | None = None) -> Logger:
+    """JSONL + console (+ W&B unless disabled) on rank 0; a NullLogger elsewhere. ``resume_step``: the run
+    resumes from that step's checkpoint (metrics.jsonl drops its later rows, so no step is logged twice)."""
     if not is_main:
         return NullLogger()
-    loggers: list[Logger] = [JsonlLogger(run_dir), ConsoleLogger(console_keys)]
+    loggers: list[Logger] = [JsonlLogger(run_dir, resume_step), ConsoleLogger(console_keys)]
     if os.environ.get("WANDB_MODE", wandb_mode) != "disabled":
         loggers.append(WandbLogger(run_dir, project, name, config, wandb_mode))
     return MultiLogger(loggers)

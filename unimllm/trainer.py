@@ -24,9 +24,9 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from unimllm.checkpoint import Checkpointer, latest_checkpoint
+from unimllm.checkpoint import Checkpointer, latest_checkpoint, read_step
 from unimllm.config import ConfigError, dump_config, to_dict
-from unimllm.distributed import DistInfo, all_reduce_sums, build_engine, deepspeed_config, grad_norm
+from unimllm.distributed import DistInfo, all_reduce_sums, any_rank, build_engine, deepspeed_config, grad_norm
 from unimllm.logging import Logger, build_logger, print0
 from unimllm.precision import resolve_train_precision
 
@@ -223,6 +223,26 @@ class Task:
         ZeRO-3 gather is collective); only rank 0 writes."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the run stops before anything is saved or exported."""
+
+
+def _any_nonfinite(values: dict[str, float]) -> list[str]:
+    """Keys of a micro-step's losses / gradient norms that are NaN or infinite."""
+    return [k for k, v in values.items() if ("loss" in k or "grad_norm" in k) and not math.isfinite(float(v))]
+
+
+def nonfinite_weights(engines: dict[str, Any]) -> list[str]:
+    """``engine/parameter`` names of this rank's weights (its ZeRO-3 partition, if any) that are not all finite."""
+    bad = []
+    for name, engine in engines.items():
+        for pname, p in engine.module.named_parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition; else the full tensor
+            if local.numel() and not torch.isfinite(local.detach()).all():
+                bad.append(f"{name}/{pname}")
+    return bad
+
+
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16
 
 
@@ -252,7 +272,7 @@ class Trainer:
         self.logger: Logger | None = None
 
     # ------------------------------------------------------------------------------------ set-up
-    def _build(self) -> None:
+    def _build(self, resume: Path | None = None) -> None:
         cfg = self.cfg
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.threads or max(1, (len(os.sched_getaffinity(0)) // local)))
@@ -272,17 +292,23 @@ class Trainer:
             dump_config(self.config, self.out / "config.yaml")
         self.logger = build_logger(self.out, is_main=self.dist.is_main, wandb_mode=self.run.wandb_mode,
                                    project=self.run.wandb_project, name=self.run.name or self.out.name,
-                                   config=to_dict(self.config), console_keys=("train/", "val/", "perf/"))
+                                   config=to_dict(self.config), console_keys=("train/", "val/", "perf/"),
+                                   resume_step=None if resume is None else read_step(resume))
 
-    def _maybe_resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from, checked before anything is built or written."""
         resume = self.cfg.resume
         if resume == "never":
-            return
+            return None
         path = latest_checkpoint(self.checkpointer.root) if resume == "auto" else Path(resume)
+        if path is not None and not (path / "meta.json").is_file():
+            what = "does not exist" if not path.exists() else "is not a complete checkpoint (no meta.json)"
+            raise ConfigError("train.resume", f"{path} {what}")
+        return path
+
+    def _maybe_resume(self, path: Path | None) -> None:
         if path is None:
             return
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no meta.json)")
         meta, state = self.checkpointer.load(path, self.engines)
         self.task.load_state_dict(state.get("task", {}))
         self.step = int(meta["step"])
@@ -295,14 +321,43 @@ class Trainer:
                 group["lr"] = base * f
         return f
 
+    def _check_finite(self, nonfinite: list[str]) -> None:
+        """Stop on a non-finite loss or gradient norm of the step just taken, on every rank alike (one small
+        all-reduce): its update may have made the weights non-finite, so nothing after it is saved."""
+        for name, engine in self.engines.items():
+            gn = grad_norm(engine)
+            if gn is not None and not math.isfinite(gn):
+                nonfinite.append(f"grad_norm_{name}")
+        if any_rank(bool(nonfinite), self.dist.device):
+            self._diverged(f"non-finite {', '.join(sorted(set(nonfinite))) or 'values on another rank'} "
+                           f"at step {self.step + 1}")
+
+    def _diverged(self, what: str) -> None:
+        last = latest_checkpoint(self.checkpointer.root)
+        raise TrainingDiverged(
+            f"train: {what}; stopping before anything is saved or exported (the last checkpoint, "
+            f"{last or 'none yet'}, is untouched). Lower optim.lr, lengthen the warm-up or lower train.grad_clip")
+
     def save(self) -> Path:
+        # belt and braces: a non-finite weight never reaches a checkpoint (nor retention's pruning)
+        if any_rank(bool(nonfinite_weights(self.engines)), self.dist.device):
+            self._diverged(f"non-finite weights at step {self.step}")
         meta = {"stage": type(self.task).__name__, "config": to_dict(self.config), **self.task.meta()}
         return self.checkpointer.save(self.step, self.engines, meta, {"task": self.task.state_dict()})
 
     # -------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
-        self._build()
-        self._maybe_resume()
+        resume = self._resume_path()
+        self._build(resume)
+        try:
+            return self._fit(resume)
+        finally:
+            if self.logger is not None:
+                self.logger.close()  # also on failure: W&B finishes its run, metrics.jsonl is flushed
+                self.logger = None
+
+    def _fit(self, resume: Path | None) -> dict[str, float]:
+        self._maybe_resume(resume)
         cfg, task = self.cfg, self.task
         assert self.logger is not None
         batches = task.train_batches()
@@ -315,17 +370,21 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
         while self.step < cfg.steps:
             lr_factor = self._set_lr()
+            nonfinite: list[str] = []
             for _ in range(cfg.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t_data += time.perf_counter() - t0
-                for k, v in task.micro_step(self.engines, batch, self.step).items():
+                values = task.micro_step(self.engines, batch, self.step)
+                nonfinite += _any_nonfinite(values)
+                for k, v in values.items():
                     sums[k] += float(v)
                     seen[k] += 1  # a metric may be absent from some micro-steps (e.g. no generation sample)
                 for k, v in task.count(batch).items():
                     counts[k] += v
                 flops += task.flops_per_step(batch)
                 n_metric += 1
+            self._check_finite(nonfinite)
             self.step += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -344,7 +403,6 @@ class Trainer:
         self._images()
         self.save()
         task.export(self.engines, self.out / "export")  # collective (ZeRO-3 gathers); writes on rank 0
-        self.logger.close()
         return final
 
     def _log_window(self, sums, seen, counts, n, t_data, flops, dt, lr_factor) -> dict[str, float]:

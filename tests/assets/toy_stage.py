@@ -19,6 +19,7 @@ from data.loader import StreamingLoader
 from data.transforms import normalize
 from unimllm.config import parse_cli
 from unimllm.distributed import DistInfo, init_distributed
+from unimllm.errors import user_errors
 from unimllm.trainer import RunConfig, Task, TrainConfig, Trainer
 
 
@@ -84,4 +85,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():  # as the launchers
+        main(sys.argv[1:])
