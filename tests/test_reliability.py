@@ -219,9 +219,9 @@ def test_kill_9_three_times_then_finish_equals_the_uninterrupted_run(tmp_path):
     write_dataset(DatasetConfig(out=str(shapes), n=48, n_val=16, shard_size=16, workers=0, geneval_per_tag=2),
                   log=lambda *_: None)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)
-    steps = 14
+                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WANDB_SERVICE")}
+    env.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline")  # each run starts its own W&B service, as a user's does
+    steps = 40
 
     def command(out: Path) -> list[str]:
         return [sys.executable, str(ROOT / "launch" / "stage1.py"),
@@ -230,16 +230,19 @@ def test_kill_9_three_times_then_finish_equals_the_uninterrupted_run(tmp_path):
 
     full, chaos = tmp_path / "full", tmp_path / "chaos"
     subprocess.run(command(full), check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
-    rng = random.Random(15)
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "15")))  # CHAOS_SEED=n: other kill moments
     kills = 0
     while kills < 3:
         start = latest_step(chaos)
-        proc = subprocess.Popen(command(chaos), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / f"chaos-{kills}.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(command(chaos), cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        target = start + rng.randint(1, 4)  # let this process save 1-4 new checkpoints
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and latest_step(chaos) <= start:
-            time.sleep(0.05)  # until this process has saved a new checkpoint
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in a step, a validation or a save
+        while time.time() < deadline and proc.poll() is None and latest_step(chaos) < target:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+        time.sleep(rng.uniform(0.0, 0.3))  # then somewhere in a step, a validation or a save
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
@@ -248,6 +251,9 @@ def test_kill_9_three_times_then_finish_equals_the_uninterrupted_run(tmp_path):
     assert loss_rows(chaos) == loss_rows(full)
     steps_logged = [s for s, _ in loss_rows(chaos)]
     assert steps_logged == list(range(1, steps + 1))
+    run_id = (chaos / "wandb_run_id").read_text().strip()
+    runs = list((chaos / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one W&B run, resumed 3 times
     a = load_file(full / "export" / "tokenizer" / "model.safetensors")
     b = load_file(chaos / "export" / "tokenizer" / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
