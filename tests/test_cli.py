@@ -32,6 +32,7 @@ from llm.pipeline import UnifiedPipeline
 from tokenizer.model import EvoTokenizer
 from tokenizer.reconstruct import read_image
 from unimllm.cli import main
+from unimllm.checkpoint import CheckpointError
 
 QUESTION = "Is there a red circle in the image? Please answer yes or no."
 
@@ -276,6 +277,14 @@ def test_export_of_training_checkpoints_equals_the_trainers_export(stage2_world,
     save_tiny_tokenizer(tmp_path / "other", seed=1)
     rc, _, err = cli(capsys, "export", run2, "--out", tmp_path / "x", "--tokenizer", tmp_path / "other")
     assert rc == 2 and "codebooks differ" in err and str(tmp_path / "other") in err and not (tmp_path / "x").exists()
+    cut = tmp_path / "cut"  # a truncated weights file: said so, not advised to unpickle it
+    shutil.copytree(run1, cut)
+    states = cut / "checkpoints" / "step_00000002" / "tokenizer" / "state" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    rc, _, err = cli(capsys, "export", cut, "--out", tmp_path / "y")
+    assert rc == 2 and f"{states}: unreadable, truncated or corrupt" in err and "--allow-pickle" not in err
+    with pytest.raises(CheckpointError, match="unreadable, truncated or corrupt"):  # and resuming from it
+        stage1.main(stage1_args(stage2_world, cut, 3))
 
     rc, out, _ = cli(capsys, "info", run2, "--json")
     info = json.loads(out)

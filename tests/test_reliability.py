@@ -129,6 +129,29 @@ def test_a_missing_resume_path_is_one_line_and_writes_nothing(tmp_path, shards):
     assert not run.exists()  # no config, no metrics, no W&B run
 
 
+def run_launcher(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("field, value", [("model.tokenizer", "{tmp}/no_tokenizer"),
+                                          ("data.sources.0.shards", "{tmp}/codes/none-{{000000..000002}}.tar"),
+                                          ("val.shards", "{tmp}/val/none.tar")])
+def test_bad_stage2_paths_are_one_line_exit_2_and_write_nothing(stage2_world, tmp_path, field, value):
+    from test_stage2 import args as stage2_args
+
+    value = value.format(tmp=tmp_path)
+    run = tmp_path / "run"
+    res = run_launcher("stage2.py", stage2_args(stage2_world, run, 1, f"--{field}", value))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and field in line[0] and value.split("{")[0].rstrip("-") in line[0], res.stderr[-2000:]
+    assert not run.exists() or not any(run.iterdir())  # no config, no metrics, no W&B run, no text tokenizer
+
+
 def test_a_resumed_run_repeats_no_metrics_step_and_continues_its_wandb_run(tmp_path, shards, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

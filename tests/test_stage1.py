@@ -93,6 +93,32 @@ def test_stage1_deepspeed_two_ranks_zero2_resume_exact(shapes, tmp_path):
     assert (tmp_path / "full" / "export" / "tokenizer" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_stage1_deepspeed_two_ranks_zero3_trains_validates_resumes_and_exports(shapes, tmp_path):
+    """ZeRO-3 on 2 CPU ranks: parameters partitioned (every one: persistence threshold 0), validation and the
+    reconstruction grid run on both ranks (their all-gathers are collective), exact resume, a full export."""
+    script = ROOT / "launch/stage1.py"
+    extra = ("--train.zero_stage", "3", "--train.zero3_persist_below", "0", "--train.eval_every", "2",
+             "--train.save_every", "2")
+
+    def launch(out: Path, steps: int, port: int) -> None:
+        deepspeed_launch(script, args(shapes, out, steps, *extra), port)
+
+    launch(tmp_path / "full", 4, 29624)
+    launch(tmp_path / "part", 2, 29625)
+    launch(tmp_path / "part", 4, 29626)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/psnr" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(0 < r["val/psnr"] < 60 and r["val/images"] == 16 for r in val)
+    assert list((tmp_path / "full" / "images").glob("val_reconstructions_*.png"))
+    zero = {p.name for p in (latest_checkpoint(tmp_path / "part" / "checkpoints") / "tokenizer" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= zero
+    model = EvoTokenizer.from_pretrained(tmp_path / "full" / "export" / "tokenizer", with_teacher=False)
+    assert all(p.numel() > 0 for p in model.parameters())  # gathered, not a rank's empty partition
+    assert model.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8, 4)
+
+
 def test_reconstruct_cli_writes_images_and_metrics(tmp_path):
     from tokenizer.config import preset
     from tokenizer.reconstruct import main as reconstruct

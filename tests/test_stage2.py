@@ -107,6 +107,29 @@ def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_pat
     assert got["shape"] == [64, 64, 3] and got["same"] and isinstance(got["answer"][0], str)
 
 
+@pytest.mark.slow
+def test_stage2_deepspeed_zero3_trains_validates_resumes_and_exports(world, tmp_path):
+    """ZeRO-3 on 2 CPU ranks, every parameter partitioned: in-loop validation and the sample grid (both ranks
+    run them: their all-gathers are collective), a save that finishes, exact resume, a full export."""
+    extra = ("--train.zero_stage", "3", "--train.zero3_persist_below", "0", "--train.eval_every", "2",
+             "--train.save_every", "2")
+    deepspeed_launch(ROOT / "launch/stage2.py", args(world, tmp_path / "full", 4, *extra), 29633)
+    deepspeed_launch(ROOT / "launch/stage2.py", args(world, tmp_path / "part", 2, *extra), 29634)
+    deepspeed_launch(ROOT / "launch/stage2.py", args(world, tmp_path / "part", 4, *extra), 29635)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    val = [r for r in rows(tmp_path / "full") if "val/yes_no_acc" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val/questions"] == 12 for r in val)
+    assert (tmp_path / "full" / "images").is_dir() and any((tmp_path / "full" / "images").iterdir())
+    ckpt = latest_checkpoint(tmp_path / "part" / "checkpoints")
+    zero = {p.name for p in (ckpt / "unified" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= zero
+    from safetensors.numpy import load_file
+
+    export = tmp_path / "full" / "export" / "unified"
+    heads = load_file(export / "heads.safetensors")
+    assert heads and all(v.size > 0 for v in heads.values())  # gathered, not a rank's empty partition
+
+
 def test_sequence_sample_turn_order_and_caption_prompts():
     """shuffle_turns: every (question, answer) pair kept, in a random order, <image> in front of the first
     question only; caption_prob: generation samples read the caption instead of the prompt at that rate."""

@@ -127,6 +127,16 @@ def weights_only_loads():
         torch.load = original
 
 
+UNREADABLE = (RuntimeError, EOFError, OSError)
+"""What torch.load raises for a truncated or corrupt file (a zip without its directory, a cut pickle stream)."""
+
+
+def unreadable_message(path: str | Path, e: BaseException) -> str:
+    """One line for a checkpoint file torch.load cannot read at all (not a pickle refusal)."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: {reason})"
+
+
 class Checkpointer:
     """Save / find / load checkpoints of a set of named DeepSpeed engines plus per-rank state."""
 
@@ -186,6 +196,9 @@ class Checkpointer:
                     f"{path / name}: refused: a file of this checkpoint holds pickled objects other than tensors "
                     f"and plain values ({reason}); resuming never unpickles code. Resume from another "
                     "checkpoint (train.resume PATH) or start fresh (train.resume: never)") from None
+            except UNREADABLE as e:
+                raise CheckpointError(f"{unreadable_message(path / name, e)}; resume from another checkpoint "
+                                      "(train.resume PATH) or start fresh (train.resume: never)") from None
             if load_path is None:
                 raise CheckpointError(f"{path / name}: DeepSpeed found no checkpoint to load")
         try:
@@ -193,5 +206,7 @@ class Checkpointer:
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{path / f'rank_{self.dist.rank:05d}.pt'}: refused: not weights-only "
                                   f"({str(e).strip().splitlines()[0][:200]})") from None
+        except UNREADABLE as e:
+            raise CheckpointError(unreadable_message(path / f"rank_{self.dist.rank:05d}.pt", e)) from None
         set_rng_state(rank_state.pop("rng"))
         return meta, rank_state

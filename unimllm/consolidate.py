@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ from unimllm.artifacts import (
     engine_states_file,
     read_checkpoint_meta,
 )
+from unimllm.checkpoint import UNREADABLE, unreadable_message
 
 
 def engine_weights(states: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -52,7 +54,9 @@ def engine_weights(states: Path, *, allow_pickle: bool = False) -> dict[str, tor
     if states.name == MODEL_STATES:
         try:
             sd = torch.load(states, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - an unpickling refusal, reported with the way out
+        except UNREADABLE as e:  # truncated or corrupt: --allow-pickle would not help
+            raise ArtifactError(unreadable_message(states, e)) from None
+        except pickle.UnpicklingError as e:  # weights_only refused a pickled object: reported with the way out
             if not allow_pickle:
                 raise ArtifactError(f"{states}: cannot be read with torch.load(weights_only=True) "
                                     f"({type(e).__name__}); pass --allow-pickle if you trust this checkpoint") from None

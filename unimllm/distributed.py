@@ -120,7 +120,7 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, precision: str,
-                     grad_clip: float) -> dict:
+                     grad_clip: float, zero3_persist_below: int = -1) -> dict:
     """The DeepSpeed config dict, generated from our dataclass values (never a hand-kept JSON)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -130,6 +130,8 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, prec
         "wall_clock_breakdown": False,
         "gradient_clipping": float(grad_clip),  # always explicit: DeepSpeed's default is 1.0, not off
     }
+    if zero_stage == 3 and zero3_persist_below >= 0:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = zero3_persist_below
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":

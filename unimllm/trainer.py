@@ -110,6 +110,10 @@ class TrainConfig:
     """Max global gradient norm (0 = off)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
+    zero3_persist_below: int = -1
+    """ZeRO-3 only: parameters with fewer elements than this are kept whole on every rank instead of
+    partitioned (DeepSpeed's stage3_param_persistence_threshold); -1 = DeepSpeed's default (100k); 0 partitions
+    every parameter (the tests use it so that tiny models exercise the partitioned path)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto = CUDA when available."""
     seed: int = 0
@@ -138,6 +142,8 @@ class TrainConfig:
             raise ConfigError("steps", "steps and grad_accum must be > 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0-3, got {self.zero_stage}")
+        if self.zero3_persist_below < -1:
+            raise ConfigError("zero3_persist_below", f"must be >= -1, got {self.zero3_persist_below}")
         for k in ("log_every", "eval_every", "image_every", "save_every", "keep_last", "threads"):
             if getattr(self, k) < 0:
                 raise ConfigError(k, "must be >= 0")
@@ -283,7 +289,8 @@ class Trainer:
         if cfg.precision == "bf16-autocast":
             self.task.autocast = (self.dist.device.type, torch.bfloat16)
         ds = deepspeed_config(micro_batch=self.task.micro_batch_size(), grad_accum=cfg.grad_accum,
-                              zero_stage=cfg.zero_stage, precision=cfg.precision, grad_clip=cfg.grad_clip)
+                              zero_stage=cfg.zero_stage, precision=cfg.precision, grad_clip=cfg.grad_clip,
+                              zero3_persist_below=cfg.zero3_persist_below)
         for name, (module, opt) in self.task.optimizers().items():
             self.base_lrs[name] = [g["lr"] for g in opt.param_groups]
             self.engines[name] = build_engine(module, opt, ds)
