@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -48,6 +49,18 @@ RawSample = dict  # {"__key__": str, "__shard__": str, ext: bytes, ...}
 def expand_shards(spec: str) -> list[str]:
     """``'a-{000..002}.tar::b.tar'`` -> the list of paths (brace expansion, '::' separates patterns)."""
     return [p for part in spec.split("::") if part.strip() for p in braceexpand.braceexpand(part.strip())]
+
+
+def existing_shards(spec: str, field: str) -> list[str]:
+    """``expand_shards(spec)``, every path an existing file; else FileNotFoundError naming the config field."""
+    paths = expand_shards(spec)
+    if not paths:
+        raise FileNotFoundError(f"{field}: pattern {spec!r} matches no path")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{field}: {len(missing)} of the {len(paths)} shards of {spec!r} do not exist "
+                                f"(first: {missing[0]})")
+    return paths
 
 
 class SampleContext:
@@ -141,9 +154,7 @@ class ShardSet:
         self.names = [s.name or f"source{i}" for i, s in enumerate(cfg.sources)]
         self.index_errors: Counter = Counter()
         for i, src in enumerate(cfg.sources):
-            paths = expand_shards(src.shards)
-            if not paths:
-                raise ValueError(f"data.sources.{i}.shards: pattern {src.shards!r} matches no path")
+            paths = existing_shards(src.shards, f"data.sources.{i}.shards")
             ids = []
             for p in paths:
                 idx = index_shard(p)  # ShardError names the shard if it is unusable

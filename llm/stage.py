@@ -23,7 +23,7 @@ from PIL import Image
 
 from data.config import DataConfig, ImageConfig
 from data.grouping import LengthGroupedBatches
-from data.loader import StreamingLoader, eval_loader, expand_shards
+from data.loader import StreamingLoader, eval_loader, existing_shards
 from data.precompute_codes import codes_mismatch, read_codes_manifest, tokenizer_fingerprint
 from data.schema import SampleError, sample_codes, sample_meta, sample_pixels
 from data.transforms import ImageTransform, normalize
@@ -343,7 +343,11 @@ class Stage2Task(Task):
 
     def setup(self, dist: DistInfo) -> None:
         self.dist, self.device = dist, dist.device
-        self.shards = [p for s in self.cfg.data.sources for p in expand_shards(s.shards)]
+        # every path checked before anything is built or written (the text tokenizer is trained from them)
+        self.shards = [p for i, s in enumerate(self.cfg.data.sources)
+                       for p in existing_shards(s.shards, f"data.sources.{i}.shards")]
+        if self.cfg.val.shards:
+            existing_shards(self.cfg.val.shards, "val.shards")
         self.build_model()
         self.build_data()
 

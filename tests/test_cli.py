@@ -31,8 +31,8 @@ from eval.metrics import psnr
 from llm.pipeline import UnifiedPipeline
 from tokenizer.model import EvoTokenizer
 from tokenizer.reconstruct import read_image
-from unimllm.cli import main
 from unimllm.checkpoint import CheckpointError
+from unimllm.cli import main
 
 QUESTION = "Is there a red circle in the image? Please answer yes or no."
 

@@ -195,7 +195,7 @@ def test_corrupt_tar_region_counted_and_unreadable_shard_named(tmp_path):
 
 
 def test_missing_pattern_is_a_clear_error(tmp_path):
-    with pytest.raises(ShardError, match="shard not found"):
+    with pytest.raises(FileNotFoundError, match=r"data.sources.0.shards: 2 of the 2 shards of .* do not exist"):
         StreamingLoader(cfg_for(str(tmp_path / "none-{0..1}.tar")))
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -57,9 +57,9 @@ def skip_weight_init():
     return no_init_weights()
 
 
-@dataclass
-class TokenizerOutput:
-    """One training forward."""
+class TokenizerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (its backward hooks) but
+    not of dataclasses. One training forward."""
 
     recon: torch.Tensor
     """(B, 3, H, W) pixel-decoder output from z_q_pix (unbounded; targets are in [-1, 1])."""

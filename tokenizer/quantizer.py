@@ -22,7 +22,7 @@ the quantiser would update the codebooks twice per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -122,9 +122,9 @@ def nearest_codes(x: Tensor, codebook: Tensor, chunk_rows: int) -> Tensor:
 # ----------------------------------------------------------------------------- module
 
 
-@dataclass
-class QuantizerOutput:
-    """What one forward returns. ``...`` = the latent's leading dims, usually (B, H, W)."""
+class QuantizerOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of tuples (its backward hooks) but
+    not of dataclasses. What one forward returns. ``...`` = the latent's leading dims, usually (B, H, W)."""
 
     codes: Tensor
     """(..., L_sem) long code indices, stage by stage."""

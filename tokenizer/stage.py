@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.config import DataConfig
-from data.loader import StreamingLoader, eval_loader
+from data.loader import StreamingLoader, eval_loader, existing_shards
 from data.transforms import denormalize, normalize
 from eval.metrics import psnr, ssim
 from tokenizer.config import TokenizerConfig, preset
@@ -129,6 +129,8 @@ class Stage1Task(Task):
     def setup(self, dist: DistInfo) -> None:
         cfg, self.dist = self.cfg, dist
         self.device = dist.device
+        if cfg.val.shards:
+            existing_shards(cfg.val.shards, "val.shards")
         self.model = EvoTokenizer(cfg.model, with_teacher=cfg.loss.semantic_weight > 0, config_key="model").to(self.device)
         L = cfg.loss
         self.loss = TokenizerLoss(
