@@ -128,13 +128,14 @@ def weights_only_loads():
 
 
 UNREADABLE = (RuntimeError, EOFError, OSError)
-"""What torch.load raises for a truncated or corrupt file (a zip without its directory, a cut pickle stream)."""
+"""What torch.load raises for a truncated or corrupt file (a zip without its directory, a cut pickle stream);
+DeepSpeed's loader also raises RuntimeError for weights that do not fit the model, hence the wording below."""
 
 
 def unreadable_message(path: str | Path, e: BaseException) -> str:
-    """One line for a checkpoint file torch.load cannot read at all (not a pickle refusal)."""
+    """One line for a checkpoint file that cannot be loaded at all (not a pickle refusal)."""
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: {reason})"
+    return f"{path}: cannot be loaded: truncated, corrupt or not this model's ({type(e).__name__}: {reason})"
 
 
 class Checkpointer:
