@@ -42,12 +42,12 @@ lint: install
 
 # The main job on the built-in default: shapes shards -> stage 1 -> codes -> stage 2 -> stage 3 -> shapes eval,
 # timed, ending in one results table (runs/demo/demo.md). Each step is one process with one thread per core.
-# AVX2=1 runs it as on a plain AVX2 CPU without native bf16 (most laptops and VMs; launch/demo.py --emulate-avx2).
+# AVX2=1 runs it as on a plain AVX2 CPU without native bf16 (most laptops and VMs; launch/demo.py --emulate_avx2).
 demo: install
-	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE) $(if $(AVX2),--emulate-avx2,)
+	$(PY) launch/demo.py --runs $(RUNS)/demo --device $(DEVICE) $(if $(AVX2),--emulate_avx2,)
 
 shapes: install
-	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n-val 500 --level demo
+	$(PY) -m data.shapes --out $(RUNS)/shapes/demo --n 4000 --n_val 500 --level demo
 
 # The shapes world's semantic teacher (launch/teacher.py, ~1 CPU-minute): what stage 1's semantic decoder regresses.
 teacher: install
@@ -65,7 +65,7 @@ stage1: install
 # its codes precomputed into runs/shapes/demo/codes (resumable; redone when the tokenizer changed), then training.
 stage2: install
 	@test -f $(RUNS)/stage1/tiny/export/tokenizer/model.safetensors || $(MAKE) stage1
-	$(PY) -m data.precompute_codes --tokenizer $(RUNS)/stage1/tiny/export/tokenizer --no-progress \
+	$(PY) -m unimllm.stages.precompute_codes --tokenizer $(RUNS)/stage1/tiny/export/tokenizer --no_progress \
 		--shards "$(RUNS)/shapes/demo/train/shapes-train-{000000..000003}.tar" --out $(RUNS)/shapes/demo/codes
 	$(PY) launch/stage2.py --config launch/configs/stage2/tiny.yaml --run.out_dir $(RUNS)/stage2/tiny --train.threads $(NPROC) \
 		--train.steps $(STAGE2_STEPS) \

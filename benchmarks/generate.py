@@ -25,10 +25,10 @@ import torch
 
 from llm.config import DepthConfig, LLMConfig, SamplerConfig, UnifiedConfig
 from llm.model import build_unified
-from llm.pipeline import UnifiedPipeline
 from llm.text_tokenizer import train_text_tokenizer
 from tokenizer.config import PixelDecoderConfig, QuantizerConfig, TokenizerConfig, VisionTowerConfig
 from tokenizer.model import EvoTokenizer
+from unimllm.stages.pipeline import UnifiedPipeline
 
 MODELS = {
     "tiny": (LLMConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512),

@@ -6,7 +6,7 @@
 Baseline (a), on the fly: ``StreamingLoader`` (``num_workers=0``, images only) decodes and center-crops
 each image from the input shards at the tokenizer's resolution, then ``normalize`` ->
 ``tokenizer.encode`` -> ``tokenizer.semantic_features(codes)``. Candidate (b), precomputed: the same
-shards are first written once with ``codes.npy`` by :func:`data.precompute_codes.precompute` into a
+shards are first written once with ``codes.npy`` by :func:`unimllm.stages.precompute_codes.precompute` into a
 temporary folder (timed separately: the one-off cost); then ``StreamingLoader`` with a codes-only map
 function reads the codes and ``tokenizer.semantic_features(codes)`` runs. Everything in one process on
 ``--threads`` torch threads (default 1). Figures are the best of ``--repeats`` full passes; the data and
@@ -29,10 +29,10 @@ import torch
 
 from data.config import DataConfig, ImageConfig, SourceConfig
 from data.loader import SampleContext, StreamingLoader, expand_shards
-from data.precompute_codes import precompute
 from data.schema import BAD_CODES, SampleError, sample_codes
 from data.transforms import normalize
 from tokenizer.model import EvoTokenizer
+from unimllm.stages.precompute_codes import precompute
 
 
 def codes_only(raw: dict, ctx: SampleContext) -> dict:

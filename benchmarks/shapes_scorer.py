@@ -4,7 +4,7 @@
         [--out benchmarks/results/shapes_scorer.json]
 
 For every image (demo and full levels, 64 px and 256 px val renders) and every degradation, both
-detectors run once; "agree" is the strict test of data.shapes_scorer.agrees (detected
+detectors run once; "agree" is the strict test of eval.shapes_scorer.agrees (detected
 (shape, colour) multiset == truth AND the image's own GenEval prompt scores True); "other prompt"
 is whether the verdict on a random other prompt of the same tag equals GenEval's rules applied to
 the ground truth. Blur sigmas are in pixels at 64 px and scale with the image side. The baseline
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shapes import preset, render_scene, sample_geneval_spec
-from data.shapes_scorer import ScorerConfig, degrade, detect, evaluate, truth_detections
+from data.shapes import render_scene
+from data.shapes_config import preset
+from data.shapes_text import sample_geneval_spec
+from eval.shapes_scorer import ScorerConfig, degrade, detect, evaluate, truth_detections
 
 CONDITIONS = {  # name: (blur sigma at 64 px, noise std on the 0-255 scale)
     "clean": (0.0, 0.0),

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm.batch import collate_sequences
 from llm.config import DepthConfig, LLMConfig, UnifiedConfig
 from llm.conversation import ConversationEncoder
 from llm.model import build_unified
-from llm.stage import collate_sequences
 from llm.text_tokenizer import train_text_tokenizer
 from tokenizer.config import PixelDecoderConfig, QuantizerConfig, TokenizerConfig, VisionTowerConfig
 from tokenizer.model import EvoTokenizer

@@ -1,6 +1,7 @@
 """Build WebDataset shards in the unimllm sample schema (docs/data.md) from raw inputs.
 
-Input kinds (detected from the path, or ``--kind``):
+Input kinds (detected from the path, or ``--kind``; read by :mod:`data.sources`, each item encoded by
+:mod:`data.sample_encoder` in worker processes):
 
 - ``folder``: a tree of jpg/jpeg/png/webp images (symlinked folders followed, each real folder read
   once); a UTF-8 sidecar ``<stem>.txt`` (any case of ``.txt``) becomes ``caption``, an image without
@@ -15,15 +16,13 @@ out of memory, a crash in a decoder) never hangs the build: the items it may hav
 one at a time, and an item that kills a worker on its own is skipped as ``worker_crashed``. A build
 that writes no sample at all fails (exit 1) and leaves an earlier build's shards alone. Example::
 
-    python -m data.build_shards images/ --out out/train-%06d.tar --shard-samples 1000 --max-side 512
+    python -m data.build_shards images/ --out out/train-%06d.tar --shard_samples 1000 --max_side 512
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import json
 import multiprocessing as mp
 import os
 import re
@@ -37,50 +36,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
-
-from data.schema import (
-    BAD_IMAGE,
-    BAD_SCHEMA,
-    EXT_ALIASES,
-    IMAGE_EXTS,
-    PIL_FORMATS,
-    check_meta,
-    check_sample,
-    decode_image,
-    encode_image,
-    make_sample,
-)
+from data.sample_encoder import EncodeOptions, encode_item
+from data.schema import IMAGE_EXTS
 from data.shard_writer import ShardWriter
+from data.sources import (
+    FOLDER,
+    KINDS,
+    UNEXPECTED,
+    WORKER_CRASHED,
+    BuildError,
+    Item,
+    detect_kind,
+    read_items,
+    unique_key,
+)
+from unimllm.command_line import FlagParser
+from unimllm.files import atomic_write_json
+from unimllm.logging import progress_bar
 
-FOLDER, JSONL, LLAVA = "folder", "jsonl", "llava"
-KINDS = (FOLDER, JSONL, LLAVA)
 FORMATS = ("keep", *IMAGE_EXTS)
-FOLDER_SUFFIXES = tuple(f".{ext}" for ext in (*IMAGE_EXTS, *EXT_ALIASES))  # matched case-insensitively
-CAPTION_SUFFIX = ".txt"  # matched case-insensitively too
-# Skip reasons of the builder (besides the schema kinds BAD_IMAGE / BAD_SCHEMA / ... of check_sample).
-MISSING_FILE = "missing_file"
-UNREADABLE_FILE = "unreadable_file"
-BAD_CAPTION = "bad_caption"
-BAD_RECORD = "bad_record"
-UNEXPECTED = "unexpected_error"
-WORKER_CRASHED = "worker_crashed"
 IN_FLIGHT_PER_WORKER = 16  # items submitted ahead of the writer, per worker (bounds memory)
-
-# MPO: the multi-picture JPEG of many cameras; its bytes start with a plain JPEG that every decoder reads.
-_PIL_TO_EXT = {**{fmt: ext for ext, fmt in PIL_FORMATS.items()}, "MPO": "jpg"}
-_ORIENTATION = 0x0112  # EXIF tag; value -> the transpose that makes the pixels upright
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
-_NON_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 _PATTERN_NAME = re.compile(r"([^%]*)%(0[1-9]\d*)?d([^%]*)")  # one %d or %0Nd in the file name
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?)?", re.IGNORECASE)
-
-
-class BuildError(ValueError):
-    """Unusable arguments or input; the CLI prints the message and exits with status 2."""
 
 
 class EmptyBuildError(BuildError):
@@ -89,25 +66,6 @@ class EmptyBuildError(BuildError):
     def __init__(self, message: str, summary: BuildSummary):
         super().__init__(message)
         self.summary = summary
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input unit: where its image is, its json, or why it is already known to be bad."""
-
-    ident: str
-    key: str = ""
-    image: str | None = None
-    meta: dict[str, Any] | None = None
-    caption_file: str | None = None
-    error: tuple[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    max_side: int = 0
-    fmt: str = "keep"
-    quality: int = 95
 
 
 @dataclass
@@ -158,25 +116,6 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- keys and patterns
-
-
-def sanitize_key(name: str) -> str:
-    """A KEY_RE-valid key from a path-like name: ``/`` parts kept, other characters (dots too) -> ``_``."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    return "/".join(_NON_KEY_CHARS.sub("_", p) for p in parts) or "sample"
-
-
-def unique_key(base: str, used: set[str]) -> str:
-    """``base``, or ``base_2``, ``base_3``, ... if taken; records the result in ``used``."""
-    key, n = base, 1
-    while key in used:
-        n += 1
-        key = f"{base}_{n}"
-    used.add(key)
-    return key
-
-
 def check_pattern(pattern: str) -> None:
     """Raise :class:`BuildError` unless ``pattern`` is ``folder/name%0Nd.ext`` (or ``%d``) with no other ``%``."""
     parent, name = os.path.split(pattern)
@@ -210,176 +149,7 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * (1024 if m[3] else 1000) ** power)
 
 
-# ----------------------------------------------------------------------------- input readers
-
-
-def _folder_items(root: Path) -> tuple[list[Item], list[str]]:
-    """Images (with their sidecars) under ``root`` in sorted order, and the ignored paths.
-
-    Symlinked folders are followed; a real folder reached a second time (a link loop, or two links to
-    one folder) is read once and listed in ``ignored``. A folder that cannot be listed is a skipped item.
-    """
-    items: list[Item] = []
-    ignored: list[str] = []
-    seen = {os.path.realpath(root): str(root)}  # real folder -> the path it is read under
-
-    def unlistable(e: OSError) -> None:
-        where = e.filename or root
-        items.append(Item(str(where), error=(UNREADABLE_FILE, f"cannot list folder: {e.strerror or e}")))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            path, real = os.path.join(dirpath, d), os.path.realpath(os.path.join(dirpath, d))
-            if real in seen:
-                ignored.append(f"{path}{os.sep} (the folder {real}, already read as {seen[real]})")
-            else:
-                seen[real] = path
-                keep.append(d)
-        dirnames[:] = keep
-        images = {n for n in filenames if Path(n).suffix.lower() in FOLDER_SUFFIXES}
-        captions: dict[str, list[str]] = {}  # stem -> sidecar names (.txt in any case)
-        for n in sorted(filenames):
-            if Path(n).suffix.lower() == CAPTION_SUFFIX:
-                captions.setdefault(Path(n).stem, []).append(n)
-        stems = {Path(n).stem for n in images}
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            if name in images:
-                ident = str(path)
-                key = sanitize_key(str(path.relative_to(root).with_suffix("")))
-                sidecars = captions.get(path.stem, [])
-                if len(sidecars) > 1:
-                    items.append(Item(ident, key=key, error=(BAD_CAPTION, f"several caption files: {sidecars}")))
-                elif sidecars:
-                    items.append(Item(ident, key=key, image=ident, caption_file=str(path.with_name(sidecars[0]))))
-                else:
-                    items.append(Item(ident, key=key, image=ident, meta={"task": "reconstruct"}))
-            elif not (path.suffix.lower() == CAPTION_SUFFIX and path.stem in stems):
-                ignored.append(str(path))
-    return items, ignored
-
-
-def _loads(raw: bytes) -> Any:
-    """``json.loads`` that also reads a UTF-8 BOM and turns too-deep nesting into a ValueError."""
-    try:
-        return json.loads(raw.decode("utf-8-sig") if raw.startswith(b"\xef\xbb\xbf") else raw)
-    except RecursionError:
-        raise ValueError("nested too deeply to parse") from None
-
-
-def _jsonl_items(path: Path, image_root: Path) -> Iterator[Item]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            ident = f"{path}:{lineno}"
-            if not raw.strip():
-                continue  # blank lines are not records
-            try:
-                rec = _loads(raw)
-            except ValueError as e:
-                yield Item(ident, error=(BAD_RECORD, f"invalid JSON: {e}"))
-                continue
-            if not isinstance(rec, dict):
-                yield Item(ident, error=(BAD_RECORD, f"record must be an object, got {type(rec).__name__}"))
-                continue
-            image, caption = rec.get("image"), rec.get("caption")
-            if not isinstance(image, str) or not image:
-                yield Item(ident, error=(BAD_RECORD, f"'image' must be a non-empty path string, got {image!r}"))
-            elif not isinstance(caption, str):
-                yield Item(ident, error=(BAD_RECORD, f"'caption' must be a string, got {caption!r}"))
-            elif not caption.strip():
-                yield Item(ident, error=(BAD_CAPTION, "empty caption"))
-            else:
-                rid = rec.get("id")
-                base = str(rid) if isinstance(rid, (str, int)) else os.path.splitext(image)[0]
-                meta = {k: v for k, v in rec.items() if k != "image"}
-                yield Item(ident, key=sanitize_key(base), image=str(image_root / image), meta=meta)
-
-
-def _llava_items(path: Path, image_root: Path) -> Iterator[Item]:
-    try:
-        records = _loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise BuildError(f"{path}: not a readable LLaVA JSON file: {e}") from None
-    if not isinstance(records, list):
-        raise BuildError(f"{path}: a LLaVA JSON file must hold a list of records, got {type(records).__name__}")
-    for i, rec in enumerate(records):
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        ident = f"{path}[{i}]" + (f" id={rid}" if rid is not None else "")
-        if not isinstance(rec, dict):
-            yield Item(ident, error=(BAD_RECORD, f"record must be an object, got {type(rec).__name__}"))
-            continue
-        image = rec.get("image")
-        if not isinstance(image, str) or not image:
-            why = "no 'image' (text-only records are not in the schema)" if image is None else f"got {image!r}"
-            yield Item(ident, error=(BAD_RECORD, f"'image' must be a non-empty path string: {why}"))
-            continue
-        if "conversations" not in rec:
-            yield Item(ident, error=(BAD_RECORD, "missing 'conversations'"))
-            continue
-        meta = {k: v for k, v in rec.items() if k != "image"}
-        problems = check_meta(meta)
-        if problems:
-            yield Item(ident, error=(BAD_SCHEMA, "; ".join(problems)))
-            continue
-        base = str(rid) if isinstance(rid, (str, int)) else f"{i:08d}"
-        yield Item(ident, key=sanitize_key(base), image=str(image_root / image), meta=meta)
-
-
-# ----------------------------------------------------------------------------- per-item work
-
-
-def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    scale = max_side / max(size)
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
-    """Read, decode, resize and encode one item: ``(checked raw sample, None)`` or ``(None, (reason, msg))``."""
-    meta = item.meta
-    if item.caption_file is not None:
-        try:
-            caption = Path(item.caption_file).read_bytes().decode("utf-8-sig").strip()
-        except UnicodeDecodeError as e:
-            return None, (BAD_CAPTION, f"{item.caption_file}: caption is not UTF-8 ({e})")
-        except OSError as e:
-            return None, (UNREADABLE_FILE, f"{item.caption_file}: {e.strerror or e}")
-        if not caption:
-            return None, (BAD_CAPTION, f"{item.caption_file}: empty caption")
-        meta = {"caption": caption}
-    assert item.image is not None and meta is not None
-    try:
-        data = Path(item.image).read_bytes()
-    except FileNotFoundError:
-        return None, (MISSING_FILE, "no such file")
-    except OSError as e:
-        return None, (UNREADABLE_FILE, str(e.strerror or e))
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            src_ext = _PIL_TO_EXT.get(probe.format or "")
-            try:
-                orientation = probe.getexif().get(_ORIENTATION, 1)
-            except Exception:  # an unreadable EXIF block: the pixels as stored
-                orientation = 1
-        img = decode_image(data)
-    except UnidentifiedImageError:
-        return None, (BAD_IMAGE, "empty file" if not data else "not an image PIL can read")
-    except Exception as e:  # PIL raises many types for corrupt data
-        return None, (BAD_IMAGE, f"{type(e).__name__}: {e}")
-    ext = (src_ext or "png") if opts.fmt == "keep" else opts.fmt
-    upright = _UPRIGHT.get(orientation)  # EXIF-rotated camera images are stored upright (re-encoded)
-    if upright is not None:
-        img = img.transpose(upright)
-    resize = opts.max_side > 0 and max(img.size) > opts.max_side
-    if resize:
-        img = img.resize(_fit(img.size, opts.max_side), Image.Resampling.LANCZOS)
-    if resize or upright is not None or ext != src_ext:
-        data = encode_image(img, ext, opts.quality)
-    sample = make_sample(item.key, data, meta, ext=ext)
-    problems = check_sample(sample, decode=False)  # the image was decoded above: no second decode
-    if problems:
-        return None, (problems[0][0], "; ".join(msg for _, msg in problems))
-    return sample, None
+# ----------------------------------------------------------------------------- worker pool
 
 
 def _work(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
@@ -466,28 +236,6 @@ def _outcomes(items: Iterator[Item], opts: EncodeOptions, workers: int) -> Itera
 # ----------------------------------------------------------------------------- build
 
 
-def detect_kind(src: Path) -> str:
-    if src.is_dir():
-        return FOLDER
-    if src.suffix.lower() == ".jsonl":
-        return JSONL
-    if src.suffix.lower() == ".json":
-        return LLAVA
-    raise BuildError(f"cannot tell the input kind of {src}; pass --kind {'|'.join(KINDS)}")
-
-
-def _read_items(src: Path, kind: str, image_root: Path) -> tuple[Iterator[Item], int | None, list[str]]:
-    if kind == FOLDER:
-        items, ignored = _folder_items(src)
-        return iter(items), len(items), ignored
-    if kind == JSONL:
-        with open(src, "rb") as f:
-            total = sum(1 for line in f if line.strip())
-        return _jsonl_items(src, image_root), total, []
-    records = list(_llava_items(src, image_root))  # the file is one JSON document anyway
-    return iter(records), len(records), []
-
-
 def build(
     input: str | os.PathLike,
     out: str | os.PathLike,
@@ -518,19 +266,19 @@ def build(
         raise BuildError(f"image root {root} is not a folder")
     check_pattern(pattern)
     if shard_samples < 0 or shard_bytes < 0 or (shard_samples == 0 and shard_bytes == 0):
-        raise BuildError("set --shard-samples and/or --shard-bytes to a positive value")
+        raise BuildError("set --shard_samples and/or --shard_bytes to a positive value")
     if max_side < 0 or workers < 1 or not 1 <= quality <= 100:
-        raise BuildError("need --max-side >= 0, --workers >= 1 and 1 <= --quality <= 100")
+        raise BuildError("need --max_side >= 0, --workers >= 1 and 1 <= --quality <= 100")
     if fmt not in FORMATS:
         raise BuildError(f"unknown --format {fmt!r}; choose from {FORMATS}")
     summary_file = Path(summary_path) if summary_path else Path(pattern).parent / "build_summary.json"
 
-    items, total, ignored = _read_items(src, kind, root)
+    items, total, ignored = read_items(src, kind, root)
     summary = BuildSummary(str(src), kind, pattern, ignored=ignored, summary_path=str(summary_file))
     failed_file = summary_file.with_name(summary_file.stem + ".failed" + summary_file.suffix)
 
     used: set[str] = set()
-    bar = tqdm(total=total, disable=not progress, file=sys.stderr, unit="img", desc="build_shards")
+    bar = progress_bar(total=total, enabled=progress, unit="img", desc="build_shards")
     try:
         with ShardWriter(pattern, shard_samples, shard_bytes) as writer:
             for item, sample, error in _outcomes(items, EncodeOptions(max_side, fmt, quality), workers):
@@ -549,10 +297,10 @@ def build(
     finally:
         bar.close()
     summary.samples, summary.shards, summary.bytes = writer.total_samples, writer.written, writer.total_bytes
-    if summary.samples == 0:  # e.g. a wrong --image-root: keep whatever an earlier build wrote
+    if summary.samples == 0:  # e.g. a wrong --image_root: keep whatever an earlier build wrote
         summary.summary_path = str(failed_file)
         summary.seconds = time.monotonic() - t0
-        _write_json(failed_file, summary.to_dict())
+        atomic_write_json(failed_file, summary.to_dict())
         counts = ", ".join(f"{n} {reason}" for reason, n in summary.skip_counts.items()) or "the input has no items"
         raise EmptyBuildError(f"no sample was written ({counts}); nothing was deleted, an earlier build's shards "
                               f"and summary are untouched; skipped items are listed in {failed_file}", summary)
@@ -563,32 +311,26 @@ def build(
         path.unlink()
         summary.stale_removed.append(str(path))
     summary.seconds = time.monotonic() - t0
-    _write_json(summary_file, summary.to_dict())
+    atomic_write_json(summary_file, summary.to_dict())
     return summary
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.build_shards", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="python -m data.build_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="image folder, JSONL file or LLaVA JSON file")
     p.add_argument("--out", required=True, help="printf shard pattern, e.g. out/train-%%06d.tar")
     p.add_argument("--kind", choices=KINDS, help="input kind (default: folder / .jsonl / .json)")
-    p.add_argument("--image-root", help="folder that relative image paths are resolved against "
+    p.add_argument("--image_root", help="folder that relative image paths are resolved against "
                    "(default: the JSON/JSONL file's folder)")
-    p.add_argument("--shard-samples", type=int, help="samples per shard (default 1000 unless --shard-bytes)")
-    p.add_argument("--shard-bytes", type=parse_size, default=0, help="max member bytes per shard, e.g. 1G")
-    p.add_argument("--max-side", type=int, default=0, help="resize so the longer side is <= this (0: off)")
+    p.add_argument("--shard_samples", type=int, help="samples per shard (default 1000 unless --shard_bytes)")
+    p.add_argument("--shard_bytes", type=parse_size, default=0, help="max member bytes per shard, e.g. 1G")
+    p.add_argument("--max_side", type=int, default=0, help="resize so the longer side is <= this (0: off)")
     p.add_argument("--format", default="keep", choices=FORMATS, help="image format written (keep: source)")
     p.add_argument("--quality", type=int, default=95, help="jpg/webp quality when re-encoding")
     p.add_argument("--workers", type=int, default=1, help="processes that decode/resize/encode")
     p.add_argument("--summary", help="summary JSON path (default: <shard folder>/build_summary.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -598,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(
             args.input, args.out, kind=args.kind, image_root=args.image_root, shard_samples=shard_samples,
             shard_bytes=args.shard_bytes, max_side=args.max_side, fmt=args.format, quality=args.quality,
-            workers=args.workers, summary_path=args.summary, progress=not args.no_progress,
+            workers=args.workers, summary_path=args.summary, progress=True,
         )
     except EmptyBuildError as e:
         print(e.summary.format())

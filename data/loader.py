@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     import time
 
-    from unimllm.config import parse_cli
+    from unimllm.command_line import parse_cli
 
     cfg = parse_cli(DataConfig, argv)
     if not cfg.sources:

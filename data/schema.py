@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from unimllm.errors import SampleError  # noqa: F401 - re-exported: data raises it, the loader counts it by kind
+
 try:  # JPEG straight into a numpy array (libjpeg-turbo, bitwise equal to PIL's full-scale decode)
     import simplejpeg
 except ImportError:  # pragma: no cover - optional speed-up, PIL is the fallback
@@ -147,12 +149,6 @@ def check_meta(meta: Any) -> list[str]:
     return problems
 
 
-class SampleError(ValueError):
-    """A sample that violates the schema; ``kind`` is one of the error-kind constants above."""
-
-    def __init__(self, kind: str, message: str):
-        self.kind = kind
-        super().__init__(message)
 
 
 def sample_image(sample: dict[str, Any], min_side: int | None = None) -> Image.Image:

@@ -1,6 +1,6 @@
 """Write a shapes-world dataset: train/val shards, a shapes-GenEval prompt file, a shapes-MME set.
 
-``python -m data.shapes --out DIR --n N [--level demo|full] [--n-val M] [--seed S] [--image-size PX]
+``python -m data.shapes --out DIR --n N [--level demo|full] [--n_val M] [--seed S] [--image_size PX]
 [--config FILE] [--world.<field> VALUE ...]`` writes (docs/shapes.md)::
 
     DIR/train/shapes-train-%06d.tar      samples 0..N-1 of split train (seed stream (S, 0, i))
@@ -33,20 +33,13 @@ from typing import Literal
 
 import numpy as np
 
-from data.shapes import SPLITS, TAGS, ShapesConfig, preset, render_sample, sample_geneval_spec
+from data.shapes import render_sample
+from data.shapes_config import SPLITS, TAGS, ShapesConfig, preset
+from data.shapes_text import sample_geneval_spec
 from data.shard_writer import ShardWriter
-from unimllm.config import (
-    CLI_SOURCE,
-    ConfigError,
-    exit_with,
-    help_text,
-    load_config,
-    parse_overrides,
-    read_yaml,
-    split_config_arg,
-    to_dict,
-    validate,
-)
+from unimllm.command_line import exit_with, help_text, pop_no_progress, split_config_arg
+from unimllm.config import CLI_SOURCE, ConfigError, load_config, parse_overrides, read_yaml, to_dict, validate
+from unimllm.files import atomic_write
 
 MME_SUBTASKS = ("existence", "count", "position", "color")
 ALIASES = {"image_size": "world.image_size"}  # CLI shortcuts for nested keys
@@ -113,13 +106,6 @@ def geneval_prompts(world: ShapesConfig, per_tag: int, seed: int = 0) -> list[di
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _clean(out: Path) -> None:
     """Remove the files a previous run of this writer left (and nothing else).
 
@@ -127,7 +113,7 @@ def _clean(out: Path) -> None:
     after this point leaves no manifest rather than one listing shards that no longer exist.
     """
     for name in ("manifest.json", "val/geneval_prompts.jsonl"):
-        for p in (out / name, out / (name + ".tmp")):
+        for p in (out / name, (out / name).with_name(f".tmp-{Path(name).name}")):
             p.unlink(missing_ok=True)
     for split in ("train", "val"):
         for p in (out / split).glob(f"shapes-{split}-*.tar*"):
@@ -166,7 +152,7 @@ def write_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> dic
         tags["val"][record["geneval"]["tag"]] += 1
         name = f"{sample['__key__']}.png"
         for subtask, pair in record["mme"].items():
-            _atomic_write(mme_dir / subtask / name, sample["png"])
+            atomic_write(mme_dir / subtask / name, sample["png"])
             mme_lines[subtask] += [f"{name}\t{q['question']}\t{q['answer']}" for q in pair]
 
     workers = cfg.workers or os.cpu_count() or 1
@@ -182,9 +168,9 @@ def write_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> dic
             pool.join()
     for subtask, lines in mme_lines.items():
         if lines:
-            _atomic_write(mme_dir / f"{subtask}.txt", ("\n".join(lines) + "\n").encode())
+            atomic_write(mme_dir / f"{subtask}.txt", ("\n".join(lines) + "\n").encode())
     prompts = geneval_prompts(cfg.world, cfg.geneval_per_tag, cfg.seed)
-    _atomic_write(out / "val" / "geneval_prompts.jsonl", "".join(json.dumps(m) + "\n" for m in prompts).encode())
+    atomic_write(out / "val" / "geneval_prompts.jsonl", "".join(json.dumps(m) + "\n" for m in prompts).encode())
     manifest = {
         "world": "shapes",
         "level": cfg.level,
@@ -206,7 +192,7 @@ def write_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> dic
         },
         "seconds": round(time.time() - t0, 2),
     }
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     log(f"wrote {out} in {manifest['seconds']}s")
     return manifest
 
@@ -215,7 +201,7 @@ def write_dataset(cfg: DatasetConfig, log: Callable[[str], None] = print) -> dic
 
 
 def _normalize(argv: Sequence[str]) -> list[str]:
-    """``--n-val`` -> ``--n_val``, ``--image-size`` -> ``--world.image_size``."""
+    """``--n_val`` -> ``--n_val``, ``--image_size`` -> ``--world.image_size``."""
     out = []
     for tok in argv:
         if tok.startswith("--") and len(tok) > 2:
@@ -242,10 +228,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(DatasetConfig))
-        print("Shortcuts: --n-val, --image-size (= --world.image_size); --level picks the world preset.")
+        print("Shortcuts: --n_val, --image_size (= --world.image_size); --level picks the world preset.")
         raise SystemExit(0)
     try:
-        cfg = load(argv)
+        cfg = load(pop_no_progress(argv))
     except ConfigError as e:
         exit_with(e)
     return write_dataset(cfg)

@@ -9,7 +9,6 @@ and a key seen twice in the set is a ``duplicate_key``. Exit status 1 on any pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-from tqdm import tqdm
 
 from data.schema import check_sample
 from data.tar_index import (
@@ -31,6 +29,8 @@ from data.tar_index import (
     index_shard,
     read_sample,
 )
+from unimllm.command_line import FlagParser
+from unimllm.logging import progress_bar
 
 UNUSABLE_SHARD = "unusable_shard"
 DUPLICATE_KEY = "duplicate_key"
@@ -109,7 +109,7 @@ def validate(paths: Iterable[str], *, max_examples: int = 5, progress: bool = Fa
     never raised."""
     report = ValidationReport(max_examples=max_examples)
     first_seen: dict[str, str] = {}
-    for path in tqdm(unique_paths(paths), disable=not progress, file=sys.stderr, unit="shard", desc="validate"):
+    for path in progress_bar(unique_paths(paths), enabled=progress, unit="shard", desc="validate"):
         report.shards += 1
         try:
             idx = index_shard(path)
@@ -132,11 +132,10 @@ def validate(paths: Iterable[str], *, max_examples: int = 5, progress: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.validate", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="python -m data.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", nargs="+", help="shard paths, brace patterns or folders")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.add_argument("--examples", type=int, default=5, help="examples listed per error kind")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("validate: error: no shards found in " + " ".join(args.shards), file=sys.stderr)
         return 2
-    report = validate(paths, max_examples=args.examples, progress=not args.no_progress)
+    report = validate(paths, max_examples=args.examples, progress=True)
     print(report.format())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

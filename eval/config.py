@@ -161,7 +161,7 @@ class ShapesSuiteConfig:
     shards: str = "runs/shapes/demo/val/shapes-val-000000.tar"
     """Held-out shards: recon images and the shapes-MME questions (records' ``mme`` field)."""
     geneval_prompts: str = "runs/shapes/demo/val/geneval_prompts.jsonl"
-    """Shapes GenEval prompts, scored by data.shapes_scorer against their own and shuffled prompts."""
+    """Shapes GenEval prompts, scored by eval.shapes_scorer against their own and shuffled prompts."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ The layout, results format and summary rule are those of djghosh13/geneval (MIT)
   (:func:`scorer_command`, :func:`run_scorer`; set-up in docs/geneval.md); it writes one JSON line per
   image with ``filename, tag, prompt, correct, reason, metadata, details``;
 - :func:`summarize_results` computes ``evaluation/summary_scores.py``'s task scores and overall score;
-- :func:`score_shapes_layout` scores a shapes-world layout with :mod:`data.shapes_scorer` into the same
+- :func:`score_shapes_layout` scores a shapes-world layout with :mod:`eval.shapes_scorer` into the same
   results format (plus a shuffled-prompt control), so both scorers share one summary.
 """
 
@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 
 from eval.geneval_shapes import TAGS, shuffled_partner
+from unimllm.files import atomic_path, atomic_write, atomic_write_json
+from unimllm.logging import progress_bar
 
 FORMAT = "geneval-layout/1"
 OFFICIAL_PROMPTS = Path(__file__).parent / "assets" / "geneval" / "evaluation_metadata.jsonl"
@@ -83,12 +85,6 @@ def sample_seed(seed: int, index: int, j: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index), int(j)]).generate_state(1)[0])
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # never matches \d+\.png or metadata.jsonl
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _complete(folder: Path, meta: dict, n_samples: int) -> bool:
     try:
         if json.loads((folder / "metadata.jsonl").read_text()) != meta:
@@ -138,7 +134,7 @@ def generate_layout(out_dir: str | Path, prompts: str | Path | list[dict], gener
     _check_manifest(out, info)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        _atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+        atomic_write_json(out / MANIFEST, info)
 
     mine = range(rank, len(prompts), world_size)
     todo = [i for i in mine if not _complete(out / f"{i:05d}", prompts[i], n_samples)]
@@ -150,7 +146,7 @@ def generate_layout(out_dir: str | Path, prompts: str | Path | list[dict], gener
             tmp.unlink()
     jobs = [(i, j) for i in todo for j in range(n_samples)]
     left = dict.fromkeys(todo, n_samples)
-    for start in range(0, len(jobs), batch):
+    for start in progress_bar(range(0, len(jobs), batch), desc="generate", unit="batch", main=rank == 0):
         chunk = jobs[start:start + batch]
         images = generate_fn([prompts[i]["prompt"] for i, _ in chunk], [sample_seed(seed, i, j) for i, j in chunk])
         if len(images) != len(chunk):
@@ -160,11 +156,12 @@ def generate_layout(out_dir: str | Path, prompts: str | Path | list[dict], gener
             if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
                 raise ValueError(f"generate_fn must return uint8 (H, W, 3) arrays, got {arr.dtype} {arr.shape}")
             folder = out / f"{i:05d}"
-            _atomic(folder / "samples" / f"{j:04d}.png", lambda p, a=arr: Image.fromarray(a).save(p, format="PNG"))
+            with atomic_path(folder / "samples" / f"{j:04d}.png") as p:  # .tmp-*: never matches \d+\.png
+                Image.fromarray(arr).save(p, format="PNG")
             left[i] -= 1
             if left[i] == 0:  # metadata last: its presence means the folder is complete
                 text = json.dumps(prompts[i]) + "\n"
-                _atomic(folder / "metadata.jsonl", lambda p, t=text: p.write_text(t))
+                atomic_write(folder / "metadata.jsonl", text)
     return {"prompts": len(mine), "skipped": len(mine) - len(todo), "generated": len(todo), "images": len(jobs)}
 
 
@@ -296,21 +293,21 @@ def _result(filename: str, meta: dict, correct: bool, reason: str, detections: d
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def score_shapes_layout(image_dir: str | Path, out_jsonl: str | Path, *, seed: int = 0,
                         control_jsonl: str | Path | None = None, cfg: Any = None) -> tuple[dict, dict]:
     """Score a shapes-world layout into the official results format; ``(report, control_report)``.
 
-    Each image is scored by :mod:`data.shapes_scorer` (``score`` = ``evaluate(detect(...))``; detected
+    Each image is scored by :mod:`eval.shapes_scorer` (``score`` = ``evaluate(detect(...))``; detected
     once, evaluated twice) against its own metadata (``out_jsonl``) and against the metadata of a
     shuffled prompt of the same tag (:func:`eval.geneval_shapes.shuffled_partner` over the prompt folders,
     ``seed``) in ``control_jsonl`` (default ``<out stem>_shuffled.jsonl``); both go through
     :func:`summarize_results`. ``details`` holds ``[x0, y0, x1, y1, confidence]`` per detection, as
-    evaluate_images.py's does. ``cfg``: an optional ``data.shapes_scorer.ScorerConfig``.
+    evaluate_images.py's does. ``cfg``: an optional ``eval.shapes_scorer.ScorerConfig``.
     """
-    from data.shapes_scorer import ScorerConfig, detect, evaluate
+    from eval.shapes_scorer import ScorerConfig, detect, evaluate
 
     cfg = cfg or ScorerConfig()
     out = Path(out_jsonl)

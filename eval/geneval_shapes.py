@@ -1,6 +1,6 @@
 """Shapes-world GenEval scoring with a chance-level control.
 
-Each generated image is scored by :mod:`data.shapes_scorer` (GenEval's rules) against its own prompt
+Each generated image is scored by :mod:`eval.shapes_scorer` (GenEval's rules) against its own prompt
 (``matched``) and against a different prompt of the same tag (``shuffled``: a seeded derangement within
 the tag), so a score can be read against what the same images get by chance.
 """
@@ -35,7 +35,7 @@ def score_generations(images: list[np.ndarray], specs: list[dict], seed: int = 0
                       only: list[int] | None = None) -> dict:
     """Verdicts ``matched`` / ``shuffled`` (lists of bool) for uint8 images of ``specs`` (GenEval metadata);
     with ``only``, image i is of ``specs[only[i]]`` (one rank's share; partners still come from all specs)."""
-    from data.shapes_scorer import score
+    from eval.shapes_scorer import score
 
     partner = shuffled_partner(specs, seed)
     idx = list(range(len(specs))) if only is None else list(only)

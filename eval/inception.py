@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.lpips import load_state_file
 from unimllm.config import ConfigError
+from unimllm.files import load_state_file
 
 INPUT_SIZE = 299
 FC_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes + 8 unused); torchvision's has 1000

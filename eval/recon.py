@@ -1,8 +1,10 @@
-"""Reconstruction evaluation of an EvoTok tokenizer: rFID, PSNR, SSIM (two conventions), LPIPS, code usage.
+"""Reconstruction metrics: rFID, PSNR, SSIM (two conventions), LPIPS, code usage, summed over images and ranks.
 
-    python -m eval.recon --ckpt runs/stage1/tiny/export/tokenizer --source DIR_OR_SHARDS \
-        --inception_weights pt_inception-2015-12-05-6726825d.pth [--depth 4] [--out DIR]
-    torchrun --nproc_per_node 8 -m eval.recon ...   # each rank evaluates its share; statistics are summed
+The tokenizer is run by :func:`unimllm.stages.reconstruction.evaluate_reconstruction` (the command is
+``launch/evaluate.py --suite recon``); this module holds what it measures with, and reads images from:
+
+    torchrun --nproc_per_node 8 launch/evaluate.py --suite recon --ckpt runs/stage1/tiny \
+        --recon.source DIR_OR_SHARDS --recon.inception_weights pt_inception-2015-12-05-6726825d.pth
 
 Protocol (EvoTok's ``reconstruction_rq_ddp.py``, after LlamaGen's ``reconstruction_vq_ddp.py``):
 
@@ -32,12 +34,8 @@ over ranks with one in-place all_reduce per tensor, so the result equals one pro
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,16 +48,12 @@ from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from data.schema import decode_image
-from data.transforms import center_crop, normalize, to_uint8
-from eval.inception import load_fid_inception
+from data.transforms import center_crop, to_uint8
 from eval.metrics import psnr, ssim, ssim_llamagen
-from tokenizer.lpips import LPIPS
-from tokenizer.model import EvoTokenizer
-from tokenizer.reconstruct import IMAGE_SUFFIXES, resolve_ckpt
-from unimllm.config import ConfigError
 
 log = logging.getLogger(__name__)
 PSNR_CAP = 100.0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}  # what a folder of images is searched for
 
 
 class _Float64Features(nn.Module):
@@ -91,7 +85,7 @@ class ReconStats:
     """
 
     def __init__(self, codebook_size: int, depth_sem: int, *, feature: nn.Module | None = None,
-                 lpips: LPIPS | None = None, device: torch.device | str = "cpu", probe_size: int = 299):
+                 lpips: nn.Module | None = None, device: torch.device | str = "cpu", probe_size: int = 299):
         self.device, self.lpips, self.depth = torch.device(device), lpips, 0
         self.fid: FrechetInceptionDistance | None = None
         if feature is not None:
@@ -161,7 +155,7 @@ class ReconStats:
         return out
 
 
-def _folder_batches(root: Path, resolution: int, batch_size: int, rank: int, world: int, max_images: int | None,
+def folder_batches(root: Path, resolution: int, batch_size: int, rank: int, world: int, max_images: int | None,
                     skipped: Counter) -> Iterator[torch.Tensor]:
     """uint8 (B, R, R, 3) ADM-cropped batches of this rank's files; unreadable files counted in ``skipped``."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -180,7 +174,7 @@ def _folder_batches(root: Path, resolution: int, batch_size: int, rank: int, wor
             yield torch.stack(batch)
 
 
-def _shard_batches(spec: str, resolution: int, batch_size: int, rank: int, world: int, max_images: int | None,
+def shard_batches(spec: str, resolution: int, batch_size: int, rank: int, world: int, max_images: int | None,
                    skipped: Counter) -> Iterator[torch.Tensor]:
     """uint8 (B, R, R, 3) batches of this rank's contiguous share of the shards (in shard order)."""
     from data.loader import eval_loader
@@ -204,90 +198,6 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     return to_uint8(center_crop(decode_image(Path(path).read_bytes()), resolution))
 
 
-@torch.no_grad()
-def accumulate_reconstruction(tokenizer: EvoTokenizer, source: str | Path, *, depth: int | None = None,
-                              resolution: int | None = None, batch_size: int = 16,
-                              inception_weights: str | Path | None = None, feature: nn.Module | None = None,
-                              lpips: LPIPS | None = None, max_images: int | None = None, rank: int = 0,
-                              world_size: int = 1, keep_examples: int = 0) -> ReconStats:
-    """This rank's sums over its share of ``source`` (no reduction); see :func:`evaluate_reconstruction`."""
-    q = tokenizer.cfg.quantizer
-    depth = q.depth_pix if depth is None else depth
-    if not 1 <= depth <= q.depth_sem:
-        raise ValueError(f"depth {depth} outside 1..{q.depth_sem} (L_sem of this tokenizer)")
-    res = tokenizer.cfg.encoder.image_size
-    if resolution is not None and resolution != res:
-        raise ValueError(f"resolution {resolution} != the tokenizer's image size {res}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, {world_size})")
-    if inception_weights is not None and feature is not None:
-        raise ValueError("give inception_weights or feature, not both")
-    if inception_weights is not None:
-        feature = load_fid_inception(inception_weights, "inception_weights")
-    device = next(tokenizer.parameters()).device
-    stats = ReconStats(q.codebook_size, q.depth_sem, feature=feature,
-                       lpips=lpips.to(device) if lpips is not None else None, device=device, probe_size=res)
-    stats.depth = depth
-    src = Path(source)
-    skipped: Counter = Counter()
-    if src.is_dir():
-        batches = _folder_batches(src, res, batch_size, rank, world_size, max_images, skipped)
-    elif ".tar" in str(source):
-        batches = _shard_batches(str(source), res, batch_size, rank, world_size, max_images, skipped)
-    else:
-        raise FileNotFoundError(f"source {source}: neither a folder nor a .tar shard pattern")
-    was_training = tokenizer.training
-    tokenizer.eval()
-    try:
-        for images in batches:
-            x = normalize(images.to(device))  # (B, 3, R, R) in [-1, 1]
-            codes = tokenizer.encode(x)  # (B, h, w, L_sem)
-            rec = tokenizer.decode_pixels(codes, depth).float()  # (B, 3, R, R)
-            fake = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, R, R)
-            real = images.to(device).movedim(-1, -3)  # (B, 3, R, R) uint8
-            stats.update(real, fake, codes)
-            n_kept = 0 if stats.examples is None else len(stats.examples[0])
-            if n_kept < keep_examples:
-                new = (real[: keep_examples - n_kept].cpu(), fake[: keep_examples - n_kept].cpu())
-                stats.examples = new if stats.examples is None else tuple(
-                    torch.cat([o, t]) for o, t in zip(stats.examples, new))
-    finally:
-        tokenizer.train(was_training)
-    stats.sums["skipped"] += sum(skipped.values())
-    return stats
-
-
-def evaluate_reconstruction(tokenizer: EvoTokenizer, source: str | Path, *, depth: int | None = None,
-                            resolution: int | None = None, batch_size: int = 16,
-                            inception_weights: str | Path | None = None, feature: nn.Module | None = None,
-                            lpips: LPIPS | None = None, max_images: int | None = None, rank: int = 0,
-                            world_size: int = 1, grid_path: str | Path | None = None,
-                            grid_images: int = 8) -> dict[str, float]:
-    """Reconstruction metrics of ``tokenizer`` over a folder or shard pattern, decoded from ``depth`` stages.
-
-    Returns ``{n_images, depth, skipped, psnr, ssim, ssim_llamagen, [lpips], [rfid], usage_d{i},
-    perplexity_d{i}}`` over the whole set (all ranks). rFID needs ``inception_weights`` (a local FID
-    Inception file; missing -> ConfigError naming ``inception_weights``) or ``feature`` (any module mapping
-    images (B, 3, H, W) float in [0, 1] to (B, d)); with neither it is left out. ``world_size > 1`` needs an
-    initialised process group of that size; every rank must call (collective) and gets the same result.
-    ``grid_path``: rank 0 writes its first ``grid_images`` originals (top) over their reconstructions.
-    """
-    if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
-        raise ValueError(f"world_size {world_size} needs an initialised process group of that size "
-                         "(use accumulate_reconstruction + ReconStats.merge to combine shares by hand)")
-    stats = accumulate_reconstruction(tokenizer, source, depth=depth, resolution=resolution,
-                                      batch_size=batch_size, inception_weights=inception_weights, feature=feature,
-                                      lpips=lpips, max_images=max_images, rank=rank, world_size=world_size,
-                                      keep_examples=grid_images if grid_path and rank == 0 else 0)
-    if world_size > 1:
-        stats.all_reduce()
-    if not int(stats.sums["n"]):
-        raise ValueError(f"source {source}: no image could be evaluated ({int(stats.sums['skipped'])} skipped)")
-    if grid_path and stats.examples is not None:
-        save_comparison(*stats.examples, grid_path)
-    return stats.compute()
-
-
 def save_comparison(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
     """uint8 (N, 3, H, W) originals and reconstructions -> one PNG: originals on top, reconstructions below."""
     top = np.concatenate(list(originals.movedim(1, -1).cpu().numpy()), 1)  # (H, N*W, 3)
@@ -296,48 +206,3 @@ def save_comparison(originals: torch.Tensor, reconstructions: torch.Tensor, path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([top, bottom], 0)).save(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, type=Path, help="tokenizer directory or stage-1 run directory")
-    ap.add_argument("--source", required=True, help="image folder or .tar shard pattern")
-    ap.add_argument("--depth", type=int, default=0, help="quantiser depth to decode from (default: L_pix)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max_images", type=int, default=0, help="first N images only (0: all)")
-    ap.add_argument("--inception_weights", default="", help="local FID Inception weights; empty: no rFID")
-    ap.add_argument("--lpips_vgg", default="", help="LPIPS VGG16 weights; empty: no LPIPS")
-    ap.add_argument("--lpips_heads", default="", help="LPIPS linear heads (default: the --lpips_vgg file)")
-    ap.add_argument("--out", type=Path, default=None, help="write metrics.json and grid.png here (rank 0)")
-    args = ap.parse_args(argv)
-    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from unimllm.distributed import init_distributed
-
-        info = init_distributed()
-        rank, world, device = info.rank, info.world_size, info.device
-    try:
-        tok = EvoTokenizer.from_pretrained(resolve_ckpt(args.ckpt), with_teacher=False, device=device)
-        lp = None
-        if args.lpips_vgg:
-            lp = LPIPS(args.lpips_vgg, args.lpips_heads or args.lpips_vgg, vgg_field="--lpips_vgg",
-                       heads_field="--lpips_heads")
-        metrics = evaluate_reconstruction(
-            tok, args.source, depth=args.depth or None, batch_size=args.batch, max_images=args.max_images or None,
-            inception_weights=args.inception_weights or None, lpips=lp, rank=rank, world_size=world,
-            grid_path=args.out / "grid.png" if args.out else None)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        if not args.inception_weights:
-            print("note: rFID skipped (no --inception_weights)", file=sys.stderr)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(json.dumps(metrics))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,14 +8,14 @@ checkpoint and of every data file read, and the evaluator versions (:func:`evalu
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from unimllm.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "torchmetrics", "safetensors", "pillow")
@@ -85,12 +85,7 @@ def clean(value: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Indented, strict JSON (NaN -> null), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, clean(obj), allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- Markdown

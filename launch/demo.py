@@ -18,7 +18,6 @@ shapes-GenEval per tag with its shuffled-prompt control, wall time per stage) an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from unimllm.command_line import FlagParser
 from unimllm.runtime import AVX2_EMULATION, cpu_thread_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
                 else ["--loss.semantic_weight", "0", "--model.teacher.pretrained", "", *joint_steps_only(preset)])
     chain = [
         ("shapes", shapes, [py, "-m", "data.shapes", "--out", str(shapes), "--n", str(n_train),
-                            "--n-val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",
+                            "--n_val", str(n_val), "--shard_size", str(n_train // 4), "--level", "demo",
                             *world]),
         ("teacher", teacher, [py, "launch/teacher.py", "--config", "launch/configs/teacher/shapes.yaml",
                               "--run.out_dir", str(teacher), "--data.sources.0.shards", str(shapes / "train" / SHARDS),
@@ -73,7 +73,7 @@ def steps(runs: Path, threads: int, device: str, preset: str = "tiny",
         ("stage1", s1, [py, "launch/stage1.py", "--config", f"launch/configs/stage1/{preset}.yaml", "--run.out_dir", str(s1),
                         "--data.sources.0.shards", str(shapes / "train" / SHARDS),
                         *semantic, "--val.shards", str(shapes / "val" / "shapes-val-000000.tar"), *train]),
-        ("codes", shapes / "codes", [py, "-m", "data.precompute_codes", "--tokenizer", str(tok), "--no-progress", "--device", device,
+        ("codes", shapes / "codes", [py, "-m", "unimllm.stages.precompute_codes", "--tokenizer", str(tok), "--no_progress", "--device", device,
                                      "--shards", str(shapes / "train" / SHARDS), "--out", str(shapes / "codes")]),
         ("stage2", s2, [py, "launch/stage2.py", "--config", f"launch/configs/stage2/{preset}.yaml", "--run.out_dir", str(s2),
                         "--model.tokenizer", str(tok), "--data.sources.0.shards", codes, *val, *train]),
@@ -131,16 +131,16 @@ def table(runs: Path, times: dict[str, float]) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = FlagParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="runs/demo", help="output tree (each stage in its own subdirectory)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch threads of every step (default: the cores this process may use)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", choices=sorted(SHAPES), help="tiny (default on cpu) or small (default on cuda)")
     ap.add_argument("--keep", action="store_true", help="skip stages whose outputs exist instead of redoing them")
-    ap.add_argument("--no-teacher", action="store_true",
+    ap.add_argument("--no_teacher", action="store_true",
                     help="control: no semantic teacher, stage 1 with semantic loss 0 (a plain residual-VQ autoencoder)")
-    ap.add_argument("--emulate-avx2", action="store_true",
+    ap.add_argument("--emulate_avx2", action="store_true",
                     help="run every step as on a plain AVX2 CPU without native bf16 (ATEN_CPU_CAPABILITY=avx2 "
                          "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2): what most laptops and VMs run")
     args = ap.parse_args(argv)

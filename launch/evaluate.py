@@ -11,7 +11,7 @@
 ``--ckpt``: a stage-2 unified export (or its run folder); ``--suite recon`` also takes a stage-1 tokenizer
 export. Output: ``--out``, default ``<run>/eval/<suite>`` for ``<run>/export/<name>``: settings.json (config,
 sampler, seeds, sha256 of the checkpoint and every data file, evaluator versions), scores.json, report.md,
-metrics.jsonl, predictions / the GenEval layout (eval.runner lists them). A rerun resumes GenEval generation.
+metrics.jsonl, predictions / the GenEval layout (unimllm.stages.evaluation lists them). A rerun resumes GenEval generation.
 ``--help`` lists every option (eval.config.EvalConfig).
 """
 
@@ -25,10 +25,10 @@ from unimllm.runtime import cpu_thread_defaults
 cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
 
 from eval.config import EvalConfig
-from eval.runner import run
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import init_distributed
 from unimllm.errors import user_errors
+from unimllm.stages.evaluation import run
 
 
 def main(argv: list[str] | None = None) -> dict:

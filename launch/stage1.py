@@ -18,10 +18,10 @@ from unimllm.runtime import cpu_thread_defaults
 
 cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
 
-from tokenizer.stage import Stage1Config, Stage1Task, model_presets
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import init_distributed
 from unimllm.errors import user_errors
+from unimllm.stages.tokenizer_stage import Stage1Config, Stage1Task, model_presets
 from unimllm.trainer import Trainer
 
 

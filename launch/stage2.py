@@ -7,7 +7,7 @@
 `model_preset` (tiny, qwen2.5-1.5b, qwen2.5-7b) fills the `model` section; YAML and CLI override its fields.
 Writes <run.out_dir>/{config.yaml, metrics.jsonl, images/, checkpoints/, text_tokenizer/ (tiny),
 export/unified/} and resumes from the run's latest checkpoint (train.resume). The export loads without
-DeepSpeed: llm.pipeline.UnifiedPipeline.from_pretrained(<run.out_dir>/export/unified).
+DeepSpeed: unimllm.stages.pipeline.UnifiedPipeline.from_pretrained(<run.out_dir>/export/unified).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from unimllm.runtime import cpu_thread_defaults
 
 cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
 
-from llm.stage import Stage2Config, Stage2Task, model_presets
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import init_distributed
 from unimllm.errors import user_errors
+from unimllm.stages.alignment_config import Stage2Config, model_presets
+from unimllm.stages.alignment_stage import Stage2Task
 from unimllm.trainer import Trainer
 
 

@@ -7,7 +7,7 @@
 `init_from` names the stage-2 export to start from (its LLM, heads, text tokenizer and referenced tokenizer).
 Writes <run.out_dir>/{config.yaml, metrics.jsonl, images/, checkpoints/, export/unified/} and resumes from the
 run's latest checkpoint (train.resume). LoRA is merged on export, so the export is a plain unified checkpoint:
-llm.pipeline.UnifiedPipeline.from_pretrained(<run.out_dir>/export/unified).
+unimllm.stages.pipeline.UnifiedPipeline.from_pretrained(<run.out_dir>/export/unified).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from unimllm.runtime import cpu_thread_defaults
 
 cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
 
-from llm.instruct import Stage3Config, Stage3Task
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import init_distributed
 from unimllm.errors import user_errors
+from unimllm.stages.instruct_stage import Stage3Config, Stage3Task
 from unimllm.trainer import Trainer
 
 

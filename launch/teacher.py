@@ -3,7 +3,7 @@
     python launch/teacher.py --config launch/configs/teacher/shapes.yaml [--dotted.key VALUE ...]
 
 The shapes world has no pretrained SigLIP2, so `make demo` trains a small SigLIP-architecture tower on the
-per-cell object labels the world knows at render time (tokenizer/teacher.py). Writes
+per-cell object labels the world knows at render time (unimllm/stages/teacher_stage.py). Writes
 <run.out_dir>/{config.yaml, metrics.jsonl, checkpoints/, export/teacher/}; export/teacher is a Hugging Face
 model directory for stage 1's `model.teacher.pretrained` (with `model.teacher.feature_layer: -1`).
 """
@@ -16,10 +16,10 @@ from unimllm.runtime import cpu_thread_defaults
 
 cpu_thread_defaults()  # before torch loads: OpenMP reads its wait policy once (unimllm.runtime)
 
-from tokenizer.teacher import TeacherStageConfig, TeacherTask
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import init_distributed
 from unimllm.errors import user_errors
+from unimllm.stages.teacher_stage import TeacherStageConfig, TeacherTask
 from unimllm.trainer import Trainer
 
 

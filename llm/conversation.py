@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.schema import SampleError
 from llm.text_tokenizer import IM_END, IM_START, IMAGE_TOKEN
+from unimllm.errors import SampleError
 
 IGNORE = -100
 TEXT, UND, GEN = 0, 1, 2

@@ -26,6 +26,7 @@ from llm.conversation import GEN, IGNORE, UND
 from llm.depth import DepthTransformer
 from llm.text_tokenizer import IM_END, IM_START, IMAGE_SPECIALS, IMAGE_TOKEN
 from unimllm.config import from_dict, to_dict
+from unimllm.files import atomic_path
 
 CONFIG_NAME, HEADS_NAME, LLM_DIR, TEXT_TOKENIZER_DIR = "unified_config.json", "heads.safetensors", "llm", "text_tokenizer"
 FORMAT = "unimllm-unified-v1"
@@ -244,13 +245,12 @@ class UnifiedModel(nn.Module):
             attention_mask = self.block_mask(attention_mask, block, emb.dtype)
         h = self.hidden_states(emb, attention_mask, position_ids=position_ids).last_hidden_state  # (B, T, H)
         out: dict[str, Tensor] = {}
-        loss = h.new_zeros((), dtype=torch.float32)
+        loss = h.new_zeros((), dtype=torch.float32)  # + 0 * the logits of an absent part: all parameters in the graph
         sel = targets != IGNORE  # (B, T)
         logits = self.llm.get_output_embeddings()(h[sel])  # (n_text, V)
         if sel.any():
             out["text_loss"] = F.cross_entropy(logits.float(), targets[sel])
             out["text_acc"] = (logits.argmax(-1) == targets[sel]).float().mean()
-            loss = loss + self.cfg.text_weight * out["text_loss"]
         else:
             loss = loss + 0.0 * logits.sum()
         src = torch.zeros_like(sel)
@@ -263,12 +263,37 @@ class UnifiedModel(nn.Module):
             out["image_acc"] = (logits.argmax(-1) == codes).float().mean()
             for d in range(codes.shape[1]):  # per depth, for the logs (depth 1 carries most of the image)
                 out[f"image_loss_d{d + 1}"] = per[:, d].mean().detach()
-            loss = loss + self.cfg.image_weight * out["image_loss"]
         else:
             loss = loss + 0.0 * logits.sum()
-        out["loss"] = loss
+        out["loss"] = self.weighted_loss(out, loss)
         out["text_tokens"] = sel.sum()
         out["image_codes"] = src.sum() * self.dims.depth_pix
+        return out
+
+    def weighted_loss(self, out: dict[str, Tensor], base: Tensor) -> Tensor:
+        """The loss: ``base`` + text_weight * text CE + image_weight * image CE, of the parts ``out`` has."""
+        loss = base
+        for name, weight in (("text", self.cfg.text_weight), ("image", self.cfg.image_weight)):
+            if f"{name}_loss" in out:
+                loss = loss + weight * out[f"{name}_loss"]
+        return loss
+
+    def merge_parts(self, outs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Outputs of :meth:`forward` on a batch's parts (``llm.batch.task_parts``) -> the whole batch's: text and
+        image CE averaged over all their tokens / codes (as one forward of the whole batch would), and the
+        :meth:`weighted_loss` of the averages."""
+        if len(outs) == 1:
+            return outs[0]
+        out: dict[str, Tensor] = {}
+        for name, count in (("text", "text_tokens"), ("image", "image_codes")):
+            have = [o for o in outs if f"{name}_loss" in o]
+            if have:
+                n = sum(o[count] for o in have)
+                for k in [k for k in have[0] if k.startswith(f"{name}_") and k != count]:  # loss, acc, per depth
+                    out[k] = sum(o[k] * o[count] for o in have) / n
+        out["loss"] = self.weighted_loss(out, sum(0.0 * o["loss"] for o in outs))  # keeps every part's graph
+        out["text_tokens"] = sum(o["text_tokens"] for o in outs)
+        out["image_codes"] = sum(o["image_codes"] for o in outs)
         return out
 
     # ------------------------------------------------------------------ save / load
@@ -281,8 +306,8 @@ class UnifiedModel(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.llm.save_pretrained(str(out / LLM_DIR), safe_serialization=True)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
-        save_file(heads, str(out / (HEADS_NAME + ".tmp")), metadata={"format": FORMAT})
-        (out / (HEADS_NAME + ".tmp")).replace(out / HEADS_NAME)
+        with atomic_path(out / HEADS_NAME) as tmp:
+            save_file(heads, str(tmp), metadata={"format": FORMAT})
         if text_tokenizer is not None:
             text_tokenizer.save_pretrained(str(out / TEXT_TOKENIZER_DIR))
         meta = {"format": FORMAT, "model": to_dict(self.cfg), "dims": dataclasses.asdict(self.dims),

@@ -13,8 +13,7 @@ template (``<|im_start|>role\\n...<|im_end|>\\n``, no default system prompt).
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 IMAGE_TOKEN, IM_START, IM_END = "<image>", "<im_start>", "<im_end>"
@@ -53,28 +52,6 @@ def ensure_special_tokens(tok) -> list[str]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or PAD
     return missing
-
-
-def corpus(shards: Iterable[str], max_records: int = 0) -> Iterator[str]:
-    """Text of the shards' json members: caption, prompt and every conversation turn (``<image>`` removed)."""
-    from data.tar_index import iter_shard
-
-    def records() -> Iterator[dict]:
-        for shard in shards:
-            for sample in iter_shard(shard):
-                if "json" in sample:
-                    try:
-                        yield json.loads(sample["json"])
-                    except ValueError:
-                        continue  # the loader counts bad json; the corpus only needs the good ones
-
-    for rec in itertools.islice(records(), max_records or None):
-        for key in ("caption", "prompt"):
-            if isinstance(rec.get(key), str):
-                yield rec[key]
-        for turn in rec.get("conversations", []) or []:
-            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                yield turn["value"].replace(IMAGE_TOKEN, "").strip()
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -54,8 +54,8 @@ def save_tiny_unified(out: Path, tokenizer, tokenizer_dir: Path):
     ``tokenizer_dir``), exported to ``out``; returns the model."""
     from llm.config import DepthConfig, LLMConfig, SamplerConfig, UnifiedConfig
     from llm.model import build_unified
-    from llm.pipeline import tokenizer_reference
     from llm.text_tokenizer import train_text_tokenizer
+    from unimllm.stages.artifacts import tokenizer_reference
 
     text_tok = train_text_tokenizer(TEXTS, 300)
     ucfg = UnifiedConfig(llm=LLMConfig(arch="qwen2", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -70,8 +70,8 @@ def save_tiny_unified(out: Path, tokenizer, tokenizer_dir: Path):
 def stage2_world(tmp_path_factory) -> Path:
     """Shapes shards (train + val + GenEval prompts), a small random tokenizer (``tok``), and codes precomputed
     with it (``codes``)."""
-    from data.precompute_codes import precompute
     from data.shapes_cli import DatasetConfig, write_dataset
+    from unimllm.stages.precompute_codes import precompute
 
     out = tmp_path_factory.mktemp("world")
     write_dataset(DatasetConfig(out=str(out / "shapes"), n=48, n_val=16, shard_size=16, workers=0, geneval_per_tag=2),

@@ -19,8 +19,9 @@ import webdataset as wds
 from PIL import Image
 
 from data import build_shards, validate
-from data.build_shards import BuildError, EmptyBuildError, build, main, parse_size, sanitize_key
+from data.build_shards import EmptyBuildError, build, main, parse_size
 from data.schema import KEY_RE, check_sample
+from data.sources import BuildError, sanitize_key
 from data.tar_index import iter_shard
 
 
@@ -100,7 +101,7 @@ def test_folder_with_corrupt_images(messy_folder: Path, tmp_path: Path) -> None:
     read = [(s["__key__"], json.loads(s["json"])) for s in ds]
     assert read == [(k, metas[k]) for k in ("a", "c_d_v2", "sub/b")]
 
-    assert validate.main([str(tmp_path / "out/train-{000000..000001}.tar"), "--no-progress"]) == 0
+    assert validate.main([str(tmp_path / "out/train-{000000..000001}.tar"), "--no_progress"]) == 0
 
 
 def test_jsonl_input(tmp_path: Path) -> None:
@@ -250,12 +251,12 @@ def test_crash_mid_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch: py
     assert not list(out.glob("*.tmp")) and not (out / "build_summary.json").exists()
     # Shard 0 was rewritten completely; shards 1..3 are still the earlier run's complete files.
     assert {p: Path(p).read_bytes() for p in map(str, build_shards.shard_files(pattern))} == before
-    assert validate.main([str(out), "--no-progress"]) == 0
+    assert validate.main([str(out), "--no_progress"]) == 0
 
 
 def test_cli(messy_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "out/t-%02d.tar")
-    assert main([str(messy_folder), "--out", out, "--no-progress", "--shard-bytes", "1M"]) == 0
+    assert main([str(messy_folder), "--out", out, "--no_progress", "--shard_bytes", "1M"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 3 samples in 1 shards" in printed and "bad_image (4)" in printed and "trunc.jpg" in printed
 
@@ -267,7 +268,7 @@ def test_cli(messy_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--kind" in capsys.readouterr().err
     assert main([str(_write(tmp_path / "bad.json", "{")), "--out", out]) == 2
     assert "not a readable LLaVA JSON" in capsys.readouterr().err
-    assert main([str(messy_folder), "--out", out, "--shard-samples", "0"]) == 2
+    assert main([str(messy_folder), "--out", out, "--shard_samples", "0"]) == 2
     assert main([str(messy_folder)]) == 2  # argparse: --out is required
     with pytest.raises(BuildError, match="--workers"):
         build(messy_folder, out, workers=0)
@@ -310,7 +311,7 @@ def _deadline(seconds: int) -> Iterator[None]:
 
 def test_dead_worker_is_reported_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _image_folder(tmp_path / "imgs", 6)
-    read_items = build_shards._read_items
+    read_items = build_shards.read_items
 
     def with_a_killer(*args):
         items, total, ignored = read_items(*args)
@@ -318,7 +319,7 @@ def test_dead_worker_is_reported_not_a_hang(tmp_path: Path, monkeypatch: pytest.
                  if it.key == "img03" else it for it in items]
         return iter(items), total, ignored
 
-    monkeypatch.setattr(build_shards, "_read_items", with_a_killer)
+    monkeypatch.setattr(build_shards, "read_items", with_a_killer)
     t0 = time.monotonic()
     with _deadline(60):
         summary = build(src, tmp_path / "out/s-%02d.tar", workers=2)
@@ -339,7 +340,7 @@ def test_rerun_that_writes_nothing_deletes_nothing(tmp_path: Path, capsys: pytes
     before = {p: Path(p).read_bytes() for p in good.shards}
     summary_json = (tmp_path / "out/build_summary.json").read_bytes()
 
-    with pytest.raises(EmptyBuildError, match="no sample was written") as e:  # a wrong --image-root
+    with pytest.raises(EmptyBuildError, match="no sample was written") as e:  # a wrong --image_root
         build(src, pattern, shard_samples=2, image_root=tmp_path)
     assert e.value.summary.skip_counts == {"missing_file": 3} and e.value.summary.stale_removed == []
     assert {p: Path(p).read_bytes() for p in good.shards} == before
@@ -347,12 +348,12 @@ def test_rerun_that_writes_nothing_deletes_nothing(tmp_path: Path, capsys: pytes
     failed = tmp_path / "out/build_summary.failed.json"
     assert json.loads(failed.read_text())["skip_counts"] == {"missing_file": 3}
 
-    assert main([str(src), "--out", pattern, "--image-root", str(tmp_path), "--no-progress"]) == 1
+    assert main([str(src), "--out", pattern, "--image_root", str(tmp_path), "--no_progress"]) == 1
     out, err = capsys.readouterr()
     assert "error: no sample was written (3 missing_file)" in err and "missing_file (3)" in out
     assert {p: Path(p).read_bytes() for p in good.shards} == before
     empty = _write(tmp_path / "empty.jsonl", "\n")
-    assert main([str(empty), "--out", pattern, "--no-progress"]) == 1
+    assert main([str(empty), "--out", pattern, "--no_progress"]) == 1
     assert "the input has no items" in capsys.readouterr().err
 
     again = build(src, pattern, shard_samples=2)  # a good build clears the failed attempt's report
@@ -423,7 +424,7 @@ def test_deeply_nested_json_is_a_bad_record(tmp_path: Path, capsys: pytest.Captu
     assert [it["item"] for it in summary.skipped["bad_record"]] == [f"{src}:1", f"{src}:3"]
     assert all("nested too deeply" in it["message"] for it in summary.skipped["bad_record"])
     llava = _write(tmp_path / "deep.json", "[" * 100_000)
-    assert main([str(llava), "--out", str(tmp_path / "o2/s-%02d.tar"), "--no-progress"]) == 2
+    assert main([str(llava), "--out", str(tmp_path / "o2/s-%02d.tar"), "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert str(llava) in err and "nested too deeply" in err
 
@@ -436,7 +437,7 @@ def test_deeply_nested_json_is_a_bad_record(tmp_path: Path, capsys: pytest.Captu
 ])
 def test_out_pattern_is_checked(tmp_path: Path, pattern: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     src = _image_folder(tmp_path / "imgs", 1)
-    assert main([str(src), "--out", str(tmp_path / pattern), "--no-progress"]) == 2
+    assert main([str(src), "--out", str(tmp_path / pattern), "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("build_shards: error: --out") and message in err and "Traceback" not in err
 

@@ -25,14 +25,14 @@ from safetensors.torch import load_file
 from test_stage1 import SMALL as STAGE1_SMALL
 from test_stage2 import args as stage2_args
 
-from data.precompute_codes import tokenizer_fingerprint
 from data.transforms import denormalize, normalize
 from eval.metrics import psnr
-from llm.pipeline import UnifiedPipeline
 from tokenizer.model import EvoTokenizer
-from tokenizer.reconstruct import read_image
 from unimllm.checkpoint import CheckpointError
-from unimllm.cli import main
+from unimllm.stages.artifacts import tokenizer_fingerprint
+from unimllm.stages.cli import main
+from unimllm.stages.pipeline import UnifiedPipeline
+from unimllm.stages.reconstruction import read_image
 
 QUESTION = "Is there a red circle in the image? Please answer yes or no."
 
@@ -88,9 +88,9 @@ def test_reconstruct_writes_pngs_and_prints_psnr(models, tmp_path, capsys):
     assert metrics["images"] == 2 and metrics["depth"] == 2 and metrics["skipped"] == []
 
     tok = EvoTokenizer.from_pretrained(models / "tok", with_teacher=False)
-    x = normalize(torch.stack([read_image(imgs / "im0.png", 64), read_image(imgs / "sub" / "im2.png", 64)]))
-    rec = tok.decode_pixels(tok.encode(x), 2).clamp(-1, 1)
-    expected_psnr = psnr((rec + 1) / 2, (x + 1) / 2)
+    real = torch.stack([read_image(imgs / "im0.png", 64), read_image(imgs / "sub" / "im2.png", 64)])
+    rec = tok.decode_pixels(tok.encode(normalize(real)), 2).clamp(-1, 1)
+    expected_psnr = psnr(torch.from_numpy(denormalize(rec)).movedim(-1, 1) / 255, real.movedim(-1, 1) / 255)
     for name, want, ref in zip(("im0.png", "im2.png"), denormalize(rec), expected_psnr):
         with Image.open(tmp_path / "rec" / name) as img:
             assert img.size == (64, 64)
@@ -99,6 +99,18 @@ def test_reconstruct_writes_pngs_and_prints_psnr(models, tmp_path, capsys):
         assert row["psnr"] == pytest.approx(float(ref), rel=1e-5)
         assert f"{name}: PSNR {row['psnr']:.2f} dB" in out
 
+
+
+def test_reconstruct_skips_and_reports_an_unreadable_image(models, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes((models / "images" / "im1.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    rc, _, err = cli(capsys, "reconstruct", "--tokenizer", models / "tok", folder, "--out", tmp_path / "rec",
+                     "--device", "cpu")
+    m = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    assert rc == 0 and m["images"] == 1 and len(m["skipped"]) == 1 and "broken.png" in m["skipped"][0]["image"]
+    assert "skipped" in err and "broken.png" in err and [p.name for p in (tmp_path / "rec").glob("*.png")] == ["ok.png"]
 
 def test_encode_codes_equal_the_tokenizers(models, tmp_path, capsys):
     imgs = models / "images"
@@ -125,17 +137,17 @@ def test_chat_one_shot_and_interactive(models, capsys, monkeypatch):
     image = models / "images" / "im1.png"
     want = pipe.answer([Image.open(image)] * 2, [QUESTION, "Describe the image."], max_new_tokens=6)
     rc, out, _ = cli(capsys, "chat", models / "unified", "--image", image, "--question", QUESTION,
-                     "--max-new-tokens", "6", "--device", "cpu")
+                     "--max_new_tokens", "6", "--device", "cpu")
     assert rc == 0 and out == want[0] + "\n"
     # interactive: questions from stdin until 'exit'; blank lines are skipped, nothing after 'exit' is read
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\nDescribe the image.\nexit\n{QUESTION}\n"))
-    rc, out, _ = cli(capsys, "chat", models / "unified", "--image", image, "--max-new-tokens", "6")
+    rc, out, _ = cli(capsys, "chat", models / "unified", "--image", image, "--max_new_tokens", "6")
     assert rc == 0 and out.splitlines() == want
 
 
 def test_generate_writes_images_and_a_reproducible_manifest(models, tmp_path, capsys):
     prompts = ["a photo of a red circle", "a photo of two green triangles"]
-    sampler = ["--temperature", "0.9", "--top-k", "8", "--cfg-scale", "2"]
+    sampler = ["--temperature", "0.9", "--top_k", "8", "--cfg_scale", "2"]
     rc, out, _ = cli(capsys, "generate", models / "unified", "--prompt", prompts[0], "--prompt", prompts[1], "--n", "2",
                      "--seed", "5", "--batch", "3", "--out", tmp_path / "gen", *sampler)
     assert rc == 0 and "4 images of 2 prompts" in out
@@ -282,7 +294,7 @@ def test_export_of_training_checkpoints_equals_the_trainers_export(stage2_world,
     states = cut / "checkpoints" / "step_00000002" / "tokenizer" / "state" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     rc, _, err = cli(capsys, "export", cut, "--out", tmp_path / "y")
-    assert rc == 2 and f"{states}: cannot be loaded: truncated, corrupt" in err and "--allow-pickle" not in err
+    assert rc == 2 and f"{states}: cannot be loaded: truncated, corrupt" in err and "--allow_pickle" not in err
     with pytest.raises(CheckpointError, match="cannot be loaded: truncated, corrupt"):  # and resuming from it
         stage1.main(stage1_args(stage2_world, cut, 3))
 
@@ -358,9 +370,9 @@ def test_export_of_a_zero3_checkpoint_needs_allow_pickle(tmp_path, capsys):
     assert (states / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
 
     rc, _, err = cli(capsys, "export", run, "--out", tmp_path / "tok")
-    assert rc == 2 and "ZeRO-3" in err and "--allow-pickle" in err and str(states) in err
+    assert rc == 2 and "ZeRO-3" in err and "--allow_pickle" in err and str(states) in err
     assert not (tmp_path / "tok").exists()
-    rc, out, _ = cli(capsys, "export", run, "--out", tmp_path / "tok", "--allow-pickle")
+    rc, out, _ = cli(capsys, "export", run, "--out", tmp_path / "tok", "--allow_pickle")
     assert rc == 0 and "Processing zero checkpoint" not in out  # DeepSpeed's report goes to stderr
     assert_same_export(tmp_path / "tok", run / "export" / "tokenizer")
 

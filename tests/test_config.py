@@ -9,7 +9,8 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from unimllm.config import ConfigError, dump_config, field_docs, from_dict, help_text, load_config, parse_cli
+from unimllm.command_line import field_docs, help_text, parse_cli
+from unimllm.config import ConfigError, dump_config, from_dict, load_config
 
 
 @dataclass
@@ -183,3 +184,45 @@ def test_defaults_layer_merges_sections_but_replaces_dict_values(tmp_path):
     assert (cfg.train.steps, cfg.train.batch_size) == (7, 2)  # YAML over preset, preset over defaults
     assert cfg.weights == {"b": 3.0}  # same as `--weights "{b: 3}"` would give
     assert load_config(RootConfig, None, ["--weights", "{b: 3}"], defaults=preset).weights == {"b": 3.0}
+
+
+# ----------------------------------------------------------------------------- one command-line spelling
+
+
+def test_flags_take_both_spellings_and_help_shows_one(capsys):
+    from unimllm.command_line import FlagParser
+
+    p = FlagParser(prog="x")
+    p.add_argument("--max_new_tokens", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=0)
+    assert p.parse_args(["--max-new-tokens", "5", "--top_k", "3"]).max_new_tokens == 5
+    ns = p.parse_args(["--max_new_tokens", "7", "--top-k", "2"])
+    assert (ns.max_new_tokens, ns.top_k) == (7, 2)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    assert "--max_new_tokens MAX_NEW_TOKENS, --max-new-tokens" in usage and "--no_progress" in usage
+
+
+def test_dotted_keys_take_both_spellings():
+    from unimllm.config import parse_overrides
+
+    assert parse_overrides(["--train.max-steps", "3", "--run.out_dir=x"]) == [("train.max_steps", "3"),
+                                                                               ("run.out_dir", "x")]
+
+
+def test_no_progress_turns_every_bar_off(monkeypatch):
+    import sys
+
+    from unimllm import logging as ulog
+    from unimllm.command_line import FlagParser
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(ulog, "_PROGRESS", {"enabled": True})
+    assert not ulog.progress_bar(range(3), desc="t").disable
+    assert ulog.progress_bar(range(3), desc="t", main=False).disable  # rank 0 only
+    FlagParser(prog="x").parse_args(["--no-progress"])
+    assert ulog.progress_bar(range(3), desc="t").disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(ulog, "_PROGRESS", {"enabled": True})
+    assert ulog.progress_bar(range(3), desc="t").disable  # not a terminal: no bar

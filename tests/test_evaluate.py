@@ -17,8 +17,9 @@ from PIL import Image
 from data.shapes_cli import DatasetConfig, write_dataset
 from eval.geneval import SEED_RULE, read_prompts, sample_seed
 from eval.geneval_shapes import TAGS
-from eval.runner import generate_images
-from llm.pipeline import UnifiedPipeline
+from unimllm.errors import ArtifactError
+from unimllm.stages.evaluation import generate_images
+from unimllm.stages.pipeline import UnifiedPipeline
 
 QUICK = ["--log.wandb_mode", "disabled", "--device", "cpu", "--threads", "1"]
 
@@ -62,7 +63,7 @@ def test_shapes_suite_artefacts_and_resume(world, tmp_path):
         "tokenizer"]["sha256"]
     ev = settings["evaluators"]
     assert ev["unimllm"] and ev["torch"] and ev["transformers"] and "commit" in ev["git"]
-    assert ev["scorer"]["name"] == "data.shapes_scorer" and len(ev["scorer"]["module_sha256"]) == 64
+    assert ev["scorer"]["name"] == "eval.shapes_scorer" and len(ev["scorer"]["module_sha256"]) == 64
 
     on_disk = json.loads((out / "scores.json").read_text())
     assert set(on_disk) == {"recon", "shapes_mme", "shapes_geneval"} == set(scores)
@@ -125,12 +126,12 @@ def test_shapes_suite_artefacts_and_resume(world, tmp_path):
 
 def test_wrong_checkpoint_kind_is_refused(world, tmp_path):
     base = shapes_args(world, tmp_path / "x")
-    with pytest.raises(ValueError, match="stage-1 tokenizer export; suite shapes needs a stage-2 unified export"):
+    with pytest.raises(ArtifactError, match=r"is a stage-1 tokenizer export .*; ckpt \(suite shapes\) needs a unified"):
         evaluate.main([*base, "--ckpt", str(world / "run1/export/tokenizer")])
-    with pytest.raises(FileNotFoundError, match="ckpt: .* is not a directory"):
+    with pytest.raises(ArtifactError, match=r"ckpt \(suite shapes\): .*missing does not exist"):
         evaluate.main([*base, "--ckpt", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a stage-2 unified export"):
+    with pytest.raises(ArtifactError, match="empty: is not a stage-1 tokenizer export .*, a unified export"):
         evaluate.main([*base, "--ckpt", str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="tokenizer: .* is not an EvoTok export"):
         evaluate.main([*base, "--tokenizer", str(tmp_path / "empty")])

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shapes import place_objects, preset, render_background, render_image, sample_geneval_spec
+from data.shapes import place_objects, render_background, render_image
+from data.shapes_config import preset
+from data.shapes_text import sample_geneval_spec
 from eval.geneval import (
     OFFICIAL_PROMPTS,
     RESULT_KEYS,

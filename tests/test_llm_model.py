@@ -13,10 +13,11 @@ from data.schema import SampleError
 from llm.config import DepthConfig, LLMConfig, SamplerConfig, UnifiedConfig
 from llm.conversation import GEN, IGNORE, TEXT, UND, ConversationEncoder
 from llm.model import UnifiedModel, build_unified
-from llm.pipeline import UnifiedPipeline, tokenizer_reference
 from llm.text_tokenizer import train_text_tokenizer
 from tokenizer.config import PixelDecoderConfig, QuantizerConfig, TokenizerConfig, VisionTowerConfig
 from tokenizer.model import EvoTokenizer
+from unimllm.stages.artifacts import tokenizer_reference
+from unimllm.stages.pipeline import UnifiedPipeline
 
 TEXTS = ["a photo of a red circle", "Is the square blue? Please answer yes or no.", "Yes", "No",
          "Two objects: a square and a triangle.", "Describe the image.", "a photo of three green squares"] * 20
@@ -208,7 +209,7 @@ def test_frozen_llm_trains_only_heads_and_new_token_rows(evo, text_tok):
 def test_task_parts_give_the_whole_batch_loss_and_gradient(evo, text_tok):
     """mix.split_tasks: one forward per task on its own rows (each cut to its own length) merges into exactly
     the loss and gradients of one forward over the whole padded batch."""
-    from llm.stage import collate_sequences, merge_outputs, task_parts
+    from llm.batch import collate_sequences, task_parts
 
     model = build(evo, text_tok, "qwen2", image_pos_embed=True).double().train()
     enc = ConversationEncoder(text_tok, model.image_positions, 512)
@@ -235,11 +236,11 @@ def test_task_parts_give_the_whole_batch_loss_and_gradient(evo, text_tok):
     whole = model(**inputs(b))
     parts = task_parts(b)
     assert len(parts) == 2 and parts[0]["input_ids"].shape[1] < b["input_ids"].shape[1]  # generation rows: shorter
-    merged = merge_outputs([model(**inputs(p)) for p in parts], 1.0, 1.0)
+    merged = model.merge_parts([model(**inputs(p)) for p in parts])
     for k in ("loss", "text_loss", "image_loss", "image_loss_d2"):
         torch.testing.assert_close(merged[k].double(), whole[k].double(), rtol=1e-6, atol=1e-7)  # CE runs in fp32
     g_whole = grads(model(**inputs(b))["loss"])
-    g_merged = grads(merge_outputs([model(**inputs(p)) for p in parts], 1.0, 1.0)["loss"])
+    g_merged = grads(model.merge_parts([model(**inputs(p)) for p in parts])["loss"])
     for a, c in zip(g_whole, g_merged):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
 
@@ -297,7 +298,7 @@ def single_turns(qas) -> list[list[dict]]:
 def test_turn_blocks_pack_single_turn_conversations(text_tok):
     """mix.independent_turns: the shared prefix (through the image) once, then each turn's remainder as its own
     block with positions continuing from the prefix; blocks that do not fit max_length are left out."""
-    from llm.stage import SequenceSample
+    from unimllm.stages.samples import SequenceSample
 
     conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"<image>\n{QA_TURNS[0][0]}"},
             {"from": "gpt", "value": QA_TURNS[0][1]}]
@@ -327,7 +328,7 @@ def test_turn_blocks_pack_single_turn_conversations(text_tok):
 def test_turn_blocks_train_each_turn_as_if_alone(evo, text_tok, attn):
     """A packed sample's loss and gradient are those of its single-turn conversations run one by one (each
     answer sees the image and its own question only), in a padded batch next to a plain generation row."""
-    from llm.stage import collate_sequences
+    from llm.batch import collate_sequences
 
     model = build(evo, text_tok, "qwen2").double().train()
     model.llm.config._attn_implementation = attn

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from test_llm_model import batch, build, evo, text_tok  # noqa: F401  (module fixtures)
 
-from eval import lmms_adapter
-from eval.lmms_adapter import UnimllmModel, stop_settings, truncate
+from unimllm.stages import lmms_adapter
 from llm.conversation import to_messages
-from llm.pipeline import UnifiedPipeline, tokenizer_reference
+from unimllm.stages.artifacts import tokenizer_reference
+from unimllm.stages.lmms_adapter import UnimllmModel, stop_settings, truncate
+from unimllm.stages.pipeline import UnifiedPipeline
 
 QUESTIONS = ["Is the square blue?", "Describe the image.", "Is there a red circle?", "How many squares?",
              "Two objects: a square and a triangle?", "What color is the circle?"]
@@ -202,7 +203,7 @@ def test_glue_is_lazy_and_mixes_into_lmms(export, docs, tmp_path, monkeypatch):
     cls = lmms_adapter.Unimllm
     assert issubclass(cls, lmms) and cls is lmms_adapter.lmms_class() and MODEL_REGISTRY["unimllm"] is cls
     lmms_adapter.register()
-    assert AVAILABLE_SIMPLE_MODELS["unimllm"] == "eval.lmms_adapter.Unimllm"
+    assert AVAILABLE_SIMPLE_MODELS["unimllm"] == "unimllm.stages.lmms_adapter.Unimllm"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     lm = cls(pipeline=UnifiedPipeline.from_pretrained(export), batch_size="auto", max_batch_size=64)

@@ -200,7 +200,7 @@ def test_shapes_shards_give_the_written_mme_set(tmp_path):
     from data.shapes_cli import main
 
     out = tmp_path / "shapes"
-    manifest = main(["--out", str(out), "--n", "8", "--n-val", "8", "--level", "demo", "--workers", "1"])
+    manifest = main(["--out", str(out), "--n", "8", "--n_val", "8", "--level", "demo", "--workers", "1"])
     shards = str(out / "val" / "shapes-val-000000.tar")
     questions = shapes_questions(shards)
     assert questions == load_mme(out / "val" / "mme")  # same records as the eval_tool files the CLI writes

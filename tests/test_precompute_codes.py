@@ -1,4 +1,4 @@
-"""data.precompute_codes: codes equal the loader-cropped encode, members untouched, skips counted, resume, CLI."""
+"""unimllm.stages.precompute_codes: codes equal the loader-cropped encode, members untouched, skips counted, resume, CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from PIL import Image
 from data import validate
 from data.config import DataConfig, ImageConfig, SourceConfig
 from data.loader import ImageTextDecoder, SampleContext, StreamingLoader
-from data.precompute_codes import (
+from data.schema import CODES_EXT, decode_codes, make_sample
+from data.shard_writer import ShardWriter
+from data.tar_index import iter_shard
+from data.transforms import normalize
+from tokenizer.config import TokenizerConfig
+from tokenizer.model import EvoTokenizer
+from unimllm.stages.precompute_codes import (
     MANIFEST_NAME,
     codes_mismatch,
     main,
@@ -23,12 +29,6 @@ from data.precompute_codes import (
     read_codes_manifest,
     tokenizer_fingerprint,
 )
-from data.schema import CODES_EXT, decode_codes, make_sample
-from data.shard_writer import ShardWriter
-from data.tar_index import iter_shard
-from data.transforms import normalize
-from tokenizer.config import TokenizerConfig
-from tokenizer.model import EvoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_codes_match_loader_crop_and_members_are_untouched(tok_dir: Path, shards
     batches = list(StreamingLoader(cfg))
     assert [b["codes"].shape for b in batches] == [(4, 8, 8, 8)] * 3
     assert all(b["codes"].dtype == torch.int64 for b in batches)
-    assert validate.main([str(out / "part-{000..001}.tar"), "--no-progress"]) == 0  # (e)
+    assert validate.main([str(out / "part-{000..001}.tar"), "--no_progress"]) == 0  # (e)
 
 
 def test_bad_samples_skipped_and_counted(tok_dir: Path, tmp_path: Path, caplog) -> None:
@@ -125,7 +125,7 @@ def test_bad_samples_skipped_and_counted(tok_dir: Path, tmp_path: Path, caplog) 
     assert manifest["skip_counts"] == {"bad_image": 2, "bad_json": 1}
     assert manifest["shards"]["bad-0.tar"]["samples"] == 3
     assert list(_samples(out / "bad-0.tar")) == ["s0000", "s0003", "s0005"]
-    assert validate.main([str(out / "bad-0.tar"), "--no-progress"]) == 0
+    assert validate.main([str(out / "bad-0.tar"), "--no_progress"]) == 0
 
 
 def test_resume_overwrite_and_atomic_shards(tok_dir: Path, shards: Path, tmp_path: Path, monkeypatch) -> None:
@@ -148,7 +148,7 @@ def test_resume_overwrite_and_atomic_shards(tok_dir: Path, shards: Path, tmp_pat
     assert part["written"] == [str(out / "part-001.tar")] and part["resumed"] == [str(out / "part-000.tar")]
 
     # A crash mid-shard leaves neither a final-named shard nor a .tmp file, and no manifest entry.
-    import data.precompute_codes as pc
+    import unimllm.stages.precompute_codes as pc
 
     calls = {"n": 0}
     real = pc._Encoder.codes
@@ -166,8 +166,8 @@ def test_resume_overwrite_and_atomic_shards(tok_dir: Path, shards: Path, tmp_pat
 
 
 def test_cli_errors_name_the_argument(tok_dir: Path, shards: Path, tmp_path: Path, capsys) -> None:
-    args = ["--shards", str(shards / "part-000.tar"), "--out", str(tmp_path / "o"), "--no-progress"]
-    cli = [sys.executable, "-m", "data.precompute_codes", "--tokenizer", str(tmp_path / "nope"), *args]
+    args = ["--shards", str(shards / "part-000.tar"), "--out", str(tmp_path / "o"), "--no_progress"]
+    cli = [sys.executable, "-m", "unimllm.stages.precompute_codes", "--tokenizer", str(tmp_path / "nope"), *args]
     res = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--tokenizer" in res.stderr and str(tmp_path / "nope") in res.stderr
     assert "Traceback" not in res.stderr
@@ -182,5 +182,5 @@ def test_cli_errors_name_the_argument(tok_dir: Path, shards: Path, tmp_path: Pat
 
     not_tar = tmp_path / "junk.tar"
     not_tar.write_bytes(b"x" * 2048)
-    assert main(["--tokenizer", str(tok_dir), "--shards", str(not_tar), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert main(["--tokenizer", str(tok_dir), "--shards", str(not_tar), "--out", str(tmp_path / "o2"), "--no_progress"]) == 2
     assert "not a tar file" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import evaluate  # launch/ is on pytest's pythonpath
 import numpy as np
 import pytest
 import torch
@@ -22,11 +23,12 @@ from scipy import linalg
 from data.schema import make_sample
 from data.shard_writer import ShardWriter
 from eval.inception import FIDInceptionV3, load_fid_inception
-from eval.recon import ReconStats, accumulate_reconstruction, evaluate_reconstruction, load_image, main
+from eval.recon import ReconStats, load_image
 from tokenizer.config import preset
 from tokenizer.lpips import LPIPS
 from tokenizer.model import EvoTokenizer
 from unimllm.config import ConfigError
+from unimllm.stages.reconstruction import accumulate_reconstruction, evaluate_reconstruction
 
 skm = pytest.importorskip("skimage.metrics")
 
@@ -177,11 +179,12 @@ def test_inception_weights_end_to_end_and_missing_file_is_a_clear_error(data, tm
     assert m["n_images"] == 3 and math.isfinite(m["rfid"]) and m["rfid"] >= 0
     with pytest.raises(ConfigError, match="inception_weights: .*nope.pth does not exist"):
         evaluate_reconstruction(data["tok"], data["folder"], inception_weights=tmp_path / "nope.pth")
-    argv = ["--ckpt", str(data["root"] / "tok"), "--source", str(data["folder"])]
-    assert main([*argv, "--inception_weights", str(tmp_path / "nope.pth")]) == 2
-    assert "inception_weights" in capsys.readouterr().err
-    assert main([*argv, "--lpips_vgg", str(tmp_path / "vgg.pth")]) == 2
-    assert "--lpips_vgg" in capsys.readouterr().err
+    argv = ["--suite", "recon", "--ckpt", str(data["root"] / "tok"), "--recon.source", str(data["folder"]),
+            "--out", str(tmp_path / "e")]  # the command: launch/evaluate.py --suite recon
+    with pytest.raises(ConfigError, match="inception_weights: .*nope.pth does not exist"):
+        evaluate.main([*argv, "--recon.inception_weights", str(tmp_path / "nope.pth")])
+    with pytest.raises(ConfigError, match="recon.lpips_vgg: .*vgg.pth does not exist"):
+        evaluate.main([*argv, "--recon.lpips_vgg", str(tmp_path / "vgg.pth")])
 
 
 def test_cli_writes_metrics_and_grid_with_lpips(data, tmp_path, monkeypatch):
@@ -191,11 +194,11 @@ def test_cli_writes_metrics_and_grid_with_lpips(data, tmp_path, monkeypatch):
                                 grid_images=2)
     assert m["lpips"] > 0 and Image.open(tmp_path / "g.png").size == (2 * 64, 2 * 64)
     out = tmp_path / "out"
-    assert main(["--ckpt", str(data["root"] / "tok"), "--source", data["shards"], "--max_images", "3",
-                 "--depth", "3", "--out", str(out)]) == 0
-    saved = json.loads((out / "metrics.json").read_text())
+    evaluate.main(["--suite", "recon", "--ckpt", str(data["root"] / "tok"), "--recon.source", data["shards"],
+                   "--recon.max_images", "3", "--recon.depth", "3", "--out", str(out)])
+    saved = json.loads((out / "scores.json").read_text())["recon"]
     assert saved["n_images"] == 3 and saved["depth"] == 3 and "rfid" not in saved
-    assert Image.open(out / "grid.png").size == (3 * 64, 2 * 64)
+    assert Image.open(out / "recon_grid.png").size == (3 * 64, 2 * 64)
 
 
 def test_unreadable_images_are_skipped_and_counted(data, tmp_path):

@@ -17,11 +17,11 @@ import torch
 import toy_stage  # launch/ and tests/assets/ are on pytest's pythonpath
 from PIL import Image
 
-from data.precompute_codes import tokenizer_fingerprint
 from data.schema import make_sample
 from data.shard_writer import ShardWriter
 from unimllm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from unimllm.config import ConfigError
+from unimllm.stages.artifacts import tokenizer_fingerprint
 from unimllm.trainer import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from unimllm.runtime import DEFAULTS, cpu_thread_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["launch/stage1.py", "launch/stage2.py", "launch/stage3.py", "launch/evaluate.py", "launch/teacher.py",
-                "unimllm/cli.py"]
-MODULE_COMMANDS = ["data.precompute_codes", "eval.cell_probe"]
+                "unimllm/stages/cli.py"]
+MODULE_COMMANDS = ["unimllm.stages.precompute_codes", "unimllm.stages.cell_probe"]
 
 
 def test_defaults_keep_what_the_user_set():

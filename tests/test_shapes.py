@@ -16,23 +16,11 @@ import pytest
 
 from data import shapes_cli
 from data.schema import check_sample, decode_image
-from data.shapes import (
-    MME_SUFFIX,
-    NUMBERS,
-    PLURALS,
-    RELATIONS,
-    TAGS,
-    ShapesConfig,
-    place_objects,
-    preset,
-    relative_position,
-    render_sample,
-    render_scene,
-    robust_relations,
-    scene_record,
-)
+from data.shapes import place_objects, render_sample, render_scene, scene_record
 from data.shapes_cli import DatasetConfig, geneval_prompts, main, write_dataset
-from data.shapes_scorer import evaluate, truth_detections
+from data.shapes_config import MME_SUFFIX, NUMBERS, PLURALS, RELATIONS, TAGS, ShapesConfig, preset
+from data.shapes_geometry import relative_position, robust_relations
+from eval.shapes_scorer import evaluate, truth_detections
 from unimllm.config import ConfigError, from_dict, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +356,7 @@ def test_mme_pairs_are_one_yes_one_no_and_true(level):
 
 def test_cli_writes_the_documented_layout(tmp_path):
     out = tmp_path / "ds"
-    manifest = main(["--out", str(out), "--n", "20", "--n-val", "8", "--level", "full", "--seed", "3",
+    manifest = main(["--out", str(out), "--n", "20", "--n_val", "8", "--level", "full", "--seed", "3",
                      "--workers", "1", "--shard-size", "8", "--world.max_objects", "3", "--geneval-per-tag", "5"])
     assert sorted(p.name for p in (out / "train").iterdir()) == [f"shapes-train-{i:06d}.tar" for i in range(3)]
     assert [p.name for p in (out / "val").glob("*.tar")] == ["shapes-val-000000.tar"]
@@ -448,8 +436,8 @@ def test_failed_rerun_leaves_no_manifest(tmp_path, monkeypatch):
 
 
 def test_python_m_data_shapes(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "data.shapes", "--out", str(tmp_path), "--n", "3", "--n-val", "2",
-                          "--workers", "1", "--image-size", "32", "--world.object_size", "0.3,0.4"],
+    run = subprocess.run([sys.executable, "-m", "data.shapes", "--out", str(tmp_path), "--n", "3", "--n_val", "2",
+                          "--workers", "1", "--image_size", "32", "--world.object_size", "0.3,0.4"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "manifest.json").read_text())

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shapes import preset, relative_position, render_scene
-from data.shapes_scorer import (
+from data.shapes import render_scene
+from data.shapes_config import preset
+from data.shapes_geometry import relative_position
+from eval.shapes_scorer import (
     Detection,
     ScorerConfig,
     agrees,

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from data.config import DataConfig
-from data.shapes import ShapesConfig
+from data.shapes_config import ShapesConfig
 from eval.config import EvalConfig
-from llm.instruct import Stage3Config
-from llm.stage import Stage2Config
-from llm.stage import model_presets as stage2_presets
-from tokenizer.stage import Stage1Config, model_presets
-from tokenizer.teacher import TeacherStageConfig
-from unimllm.config import field_docs, load_config, preset_defaults
+from unimllm.command_line import field_docs, preset_defaults
+from unimllm.config import load_config
+from unimllm.stages.alignment_config import Stage2Config
+from unimllm.stages.alignment_config import model_presets as stage2_presets
+from unimllm.stages.instruct_stage import Stage3Config
+from unimllm.stages.teacher_stage import TeacherStageConfig
+from unimllm.stages.tokenizer_stage import Stage1Config, model_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 # launch/configs/<folder>/*.yaml -> the root config class of that folder. A new folder must be added here.

@@ -117,26 +117,3 @@ def test_stage1_deepspeed_two_ranks_zero3_trains_validates_resumes_and_exports(s
     model = EvoTokenizer.from_pretrained(tmp_path / "full" / "export" / "tokenizer", with_teacher=False)
     assert all(p.numel() > 0 for p in model.parameters())  # gathered, not a rank's empty partition
     assert model.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8, 4)
-
-
-def test_reconstruct_cli_writes_images_and_metrics(tmp_path):
-    from tokenizer.config import preset
-    from tokenizer.reconstruct import main as reconstruct
-
-    cfg = preset("tiny")
-    cfg.pixel_decoder.channels, cfg.pixel_decoder.z_channels = 16, 16
-    EvoTokenizer(cfg, with_teacher=False).save_pretrained(tmp_path / "tok")
-    imgs = tmp_path / "imgs" / "sub"
-    imgs.mkdir(parents=True)
-    from PIL import Image
-
-    for i in range(3):
-        Image.new("RGB", (80, 64), (40 * i, 90, 200)).save(imgs / f"im{i}.png")
-    (imgs / "broken.png").write_bytes(b"not a png")
-    assert reconstruct(["--ckpt", str(tmp_path / "tok"), "--images", str(tmp_path / "imgs"),
-                        "--out", str(tmp_path / "out"), "--depth", "2"]) == 0
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["images"] == 3 and m["depth"] == 2 and len(m["skipped"]) == 1 and "broken.png" in m["skipped"][0]["image"]
-    assert all(0 < r["psnr"] < 100 for r in m["per_image"])
-    assert Image.open(tmp_path / "out" / "sub" / "im0.png").size == (64, 64)
-    assert reconstruct(["--ckpt", str(tmp_path), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o2")]) == 2

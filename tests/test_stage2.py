@@ -93,7 +93,7 @@ def test_stage2_deepspeed_zero2_export_reloads_in_a_fresh_process(world, tmp_pat
     assert len(losses(out)) == 3
     code = (
         "import json, sys\n"
-        "from llm.pipeline import UnifiedPipeline\n"
+        "from unimllm.stages.pipeline import UnifiedPipeline\n"
         "pipe = UnifiedPipeline.from_pretrained(sys.argv[1])\n"
         "imgs = pipe.generate_image(['a photo of a red circle'], seed=0)\n"
         "again = pipe.generate_image(['a photo of a red circle'], seed=0)\n"
@@ -136,7 +136,8 @@ def test_sequence_sample_turn_order_and_caption_prompts():
     import numpy as np
 
     from data.config import ImageConfig
-    from llm.stage import MixConfig, SequenceSample
+    from unimllm.stages.alignment_config import MixConfig
+    from unimllm.stages.samples import SequenceSample
 
     conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."},
             {"from": "human", "value": "Is the circle red?"}, {"from": "gpt", "value": "Yes"},

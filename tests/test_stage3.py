@@ -20,19 +20,21 @@ from safetensors.torch import load_file
 
 from data.build_shards import build
 from data.config import ImageConfig
-from data.precompute_codes import precompute
+from data.corpus import corpus
 from data.schema import SampleError
-from data.shapes import preset as shapes_preset
 from data.shapes import render_scene, scene_record
 from data.shapes_cli import DatasetConfig, write_dataset
+from data.shapes_config import preset as shapes_preset
 from llm.config import preset as unified_preset
 from llm.conversation import GEN, IGNORE, UND, ConversationEncoder
-from llm.instruct import InstructionSample, InstructMixConfig
 from llm.model import UnifiedModel, build_unified
-from llm.pipeline import tokenizer_reference
-from llm.text_tokenizer import IMAGE_TOKEN, corpus, load_text_tokenizer, train_text_tokenizer
+from llm.text_tokenizer import IMAGE_TOKEN, load_text_tokenizer, train_text_tokenizer
 from tokenizer.config import preset as tokenizer_preset
 from tokenizer.model import EvoTokenizer
+from unimllm.errors import ArtifactError
+from unimllm.stages.artifacts import tokenizer_reference
+from unimllm.stages.instruct_stage import InstructionSample, InstructMixConfig
+from unimllm.stages.precompute_codes import precompute
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.batch_size", "4", "--mix.group_batches", "2", "--mix.max_length", "256", "--val.max_questions", "8",
@@ -180,9 +182,9 @@ def test_init_from_missing_or_not_an_export_is_named(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stage3.main(base[:i] + base[i + 1:] + ["--init_from", ""])
     assert e.value.code == 2 and "init_from: set the stage-2 export directory" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match=r"init_from: .*missing is not a stage-2 export \(missing unified_"):
+    with pytest.raises(ArtifactError, match=r"init_from: .*missing does not exist"):
         stage3.main(base[:i] + base[i + 1:] + ["--init_from", str(tmp_path / "missing")])
-    with pytest.raises(FileNotFoundError, match="init_from: .* is not a stage-2 export .*unified_config.json"):
+    with pytest.raises(ArtifactError, match="is a stage-1 tokenizer export .*; init_from needs a unified export"):
         stage3.main(base[:i] + base[i + 1:] + ["--init_from", str(world / "tok")])  # a stage-1 export
 
 
@@ -238,7 +240,7 @@ def test_stage3_lora_deepspeed_zero2_merged_export_reloads_in_a_fresh_process(wo
         assert any(not torch.equal(v, heads0[k]) for k, v in heads.items() if k.startswith(part)), part
     code = (
         "import json, sys\n"
-        "from llm.pipeline import UnifiedPipeline\n"
+        "from unimllm.stages.pipeline import UnifiedPipeline\n"
         "pipe = UnifiedPipeline.from_pretrained(sys.argv[1])\n"
         "imgs = pipe.generate_image(['Draw a red circle.'], seed=0)\n"
         "ans = pipe.answer(imgs, ['Is there a red circle in the image? Please answer yes or no.'], max_new_tokens=4)\n"

@@ -12,8 +12,8 @@ import stage1  # launch/ is on pytest's pythonpath
 import teacher
 import torch
 
-from data.shapes import PATCH_COLORS, PATCH_SHAPES, patch_labels
 from data.shapes_cli import DatasetConfig, write_dataset
+from data.shapes_geometry import PATCH_COLORS, PATCH_SHAPES, patch_labels
 from tokenizer.config import TokenizerConfig, VisionTowerConfig
 from tokenizer.model import EvoTokenizer
 from tokenizer.teacher import ShapesTeacher
@@ -59,7 +59,7 @@ def test_patch_labels_of_a_known_scene():
 def test_teacher_saves_reloads_with_identical_features(tmp_path):
     torch.manual_seed(0)
     model = ShapesTeacher(VisionTowerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                                            feature_layer=-1)).eval()
+                                            feature_layer=-1), n_shapes=4, n_colors=11).eval()
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     before = model(x)
     model.save_pretrained(tmp_path / "t")

@@ -304,13 +304,13 @@ def test_convert_official_checkpoint(tmp_path, capsys):
                        teacher.state_dict()["encoder.layers.0.self_attn.q_proj.weight"])
     # a wrong preset is reported, not silently written
     rc = main(["--src", str(tmp_path / "official.pt"), "--out", str(tmp_path / "bad"), "--preset", "tiny",
-               "--no-teacher"])
-    assert rc == 0  # teacher not expected with --no-teacher
+               "--no_teacher"])
+    assert rc == 0  # teacher not expected with --no_teacher
     del sd["decoder.conv_out.bias"]
     sd["decoder.extra.weight"] = torch.zeros(1)
     torch.save({"model": sd, "args": args}, tmp_path / "broken.pt")
     rc = main(["--src", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "broken"), "--preset", "tiny",
-               "--no-teacher"])
+               "--no_teacher"])
     report = capsys.readouterr().out
     assert rc == 1 and not (tmp_path / "broken").exists()
     assert "pixel_decoder.conv_out.bias" in report and "decoder.extra.weight" in report

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import toy_stage  # launch/ and tests/assets/ are on pytest's pythonpath
 from conftest import deepspeed_launch
 from PIL import Image
@@ -75,6 +76,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, shards, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         toy_stage.main(args(out, shards, 4))
     monkeypatch.undo()
+    assert not torch.distributed.is_initialized()  # fit left the process group on the way out
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert rows and all(json.loads(r)["step"] <= 4 for r in rows)  # the logger was closed: flushed, parseable
     assert latest_checkpoint(out / "checkpoints") == good  # the half-written step_4 is .tmp, ignored
     assert (out / "checkpoints" / "step_00000004.tmp").is_dir()
     toy_stage.main(args(out, shards, 4))  # resumes from step 2 and finishes; the stale .tmp is replaced

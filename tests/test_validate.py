@@ -38,7 +38,7 @@ def _corrupt_copy(src: str, dst_dir: Path) -> Path:
 def test_valid_set_passes(shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report_path = tmp_path / "report.json"
     pattern = str(tmp_path / "good/train-{000000..000001}.tar")
-    assert main([pattern, "--json", str(report_path), "--no-progress"]) == 0
+    assert main([pattern, "--json", str(report_path), "--no_progress"]) == 0
     assert "OK" in capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert (report["shards"], report["samples"], report["valid"], report["errors"]) == (2, 6, 6, {})
@@ -58,7 +58,7 @@ def test_corrupt_image_bytes_fail(shards: list[str], tmp_path: Path) -> None:
     assert not report.ok and report.errors == {"bad_image": 1}
     assert (report.shards, report.samples, report.valid) == (2, 6, 5)
     assert report.examples["bad_image"][0].startswith(f"{bad}:{idx.keys[i]}: ")
-    assert main([shards[0], str(bad), "--no-progress"]) == 1
+    assert main([shards[0], str(bad), "--no_progress"]) == 1
 
 
 def test_corrupt_tar_header_fails(shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,7 +70,7 @@ def test_corrupt_tar_header_fails(shards: list[str], tmp_path: Path, capsys: pyt
         f.write(b"\xff" * BLOCK)
 
     report_path = tmp_path / "report.json"
-    assert main([str(bad), "--json", str(report_path), "--no-progress"]) == 1
+    assert main([str(bad), "--json", str(report_path), "--no_progress"]) == 1
     report = json.loads(report_path.read_text())
     assert report["errors"]["corrupt_tar"] == 1 and report["tar_errors"] == 1
     assert report["errors"]["missing_json"] == 1  # sample 1 lost its json member with the header
@@ -104,7 +104,7 @@ def test_a_shard_named_twice_is_read_once(shards: list[str], tmp_path: Path) -> 
     assert expand([shards[0], folder, str(via_link)]) == shards  # first-named order, each file once
     report = validate([shards[0], shards[0], str(via_link), *shards])
     assert report.ok and (report.shards, report.samples, report.valid) == (2, 6, 6)
-    assert main([shards[1], folder, "--no-progress"]) == 0
+    assert main([shards[1], folder, "--no_progress"]) == 0
 
 
 def test_deeply_nested_json_member_is_bad_json(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Usage (from the repository root)::
 
     python -m tokenizer.convert --src iter-0500000.pt --out ckpt/evotok-base-256 --preset base-256 \
         --teacher /models/siglip2-large-patch16-256      # the teacher is not in official checkpoints
-    python -m tokenizer.convert --src last.pt --out DIR --no-teacher   # for LLM use only
+    python -m tokenizer.convert --src last.pt --out DIR --no_teacher   # for LLM use only
 
 Key mapping (official -> ours):
 
@@ -28,7 +28,7 @@ Key mapping (official -> ours):
 Ignored: ``quantize.codebook_used`` (usage log), ``scaling_layer.*`` (identity on [-1, 1]),
 ``*.position_ids``. Our ``quantizer.seed`` / ``restarts_total`` have no official counterpart and keep their
 fresh values. The report lists missing / unexpected / shape-mismatched keys; the directory is written only
-when the report is clean (or with ``--allow-partial``). Exit status 1 when it is not clean.
+when the report is clean (or with ``--allow_partial``). Exit status 1 when it is not clean.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import torch
 
 from tokenizer.config import TokenizerConfig, preset
 from tokenizer.encoder import VisionTower
+from unimllm.command_line import FlagParser
 
 _QUANT = {"weight": "codebook", "embed_ema": "embed_sum", "cluster_size_ema": "cluster_size"}
 _DEFAULTED = ("quantizer.seed", "quantizer.restarts_total", "quantizer.step")
@@ -161,7 +162,7 @@ def load_official(path: str | Path, *, use_ema: bool = False, trust_pickle: bool
                 ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - re-raised with advice
                 raise RuntimeError(f"{path}: weights_only load failed ({e}); if you trust the file, pass "
-                                   "--trust-pickle") from None
+                                   "--trust_pickle") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     key = "ema" if use_ema else "model"
@@ -191,7 +192,7 @@ def convert(sd: dict[str, torch.Tensor], cfg: TokenizerConfig, *, args: object =
                        if not k.endswith("position_ids")})
     for k in sorted(mapped):
         if k.startswith("teacher.") and not with_teacher:
-            rep.ignored.append(f"{k} (--no-teacher)")
+            rep.ignored.append(f"{k} (--no_teacher)")
             del mapped[k]
         elif k not in own:
             rep.unexpected.append(f"{k} (mapped, not in our model)")
@@ -209,16 +210,16 @@ def convert(sd: dict[str, torch.Tensor], cfg: TokenizerConfig, *, args: object =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tokenizer.convert", description=__doc__.split("\n\n")[0],
+    ap = FlagParser(prog="python -m tokenizer.convert", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help="official checkpoint (.pt)")
     ap.add_argument("--out", required=True, help="output directory (EvoTokenizer.save_pretrained)")
     ap.add_argument("--preset", default="base-256", help="tokenizer preset (tiny, base-256)")
     ap.add_argument("--teacher", default="", help="local SigLIP directory for the frozen teacher")
-    ap.add_argument("--no-teacher", action="store_true", help="save without a teacher (LLM use only)")
+    ap.add_argument("--no_teacher", action="store_true", help="save without a teacher (LLM use only)")
     ap.add_argument("--ema", action="store_true", help="convert the checkpoint's 'ema' weights")
-    ap.add_argument("--trust-pickle", action="store_true", help="torch.load with weights_only=False")
-    ap.add_argument("--allow-partial", action="store_true", help="write the directory despite problems")
+    ap.add_argument("--trust_pickle", action="store_true", help="torch.load with weights_only=False")
+    ap.add_argument("--allow_partial", action="store_true", help="write the directory despite problems")
     a = ap.parse_args(argv)
     cfg = preset(a.preset)
     sd, args = load_official(a.src, use_ema=a.ema, trust_pickle=a.trust_pickle)

@@ -17,38 +17,18 @@ identical inputs and > 0 for (in practice all) different ones.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from unimllm.config import ConfigError
+from unimllm.files import load_state_file
 
 # torchvision vgg16 "features" up to relu5_3: channel widths per conv, "M" = 2x2 max-pool.
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 # Indices (into ``features``) of the ReLUs whose outputs LPIPS compares: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _TAPS = (3, 8, 15, 22, 29)
 _CHANNELS = (64, 128, 256, 512, 512)
-
-
-def load_state_file(path: str | Path, field: str) -> dict[str, torch.Tensor]:
-    """Tensors from a local ``.safetensors`` file or a torch pickle (``weights_only=True``). A nested
-    ``state_dict`` / ``model`` entry is unwrapped. Missing file -> ConfigError naming ``field``."""
-    path = Path(path)
-    if not str(path) or not path.is_file():
-        raise ConfigError(field, f"{str(path) or '(empty)'} does not exist (a local weights file is required; "
-                                 "random_weights=True is for smoke runs only)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ConfigError(field, f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
 
 
 class VGG16Features(nn.Module):

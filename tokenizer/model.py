@@ -29,6 +29,7 @@ from tokenizer.decoders import PixelDecoder, SemanticDecoder
 from tokenizer.encoder import Encoder, VisionTower, load_hf_config, tower_config_from_hf
 from tokenizer.quantizer import QuantizerOutput, ResidualQuantizer
 from unimllm.config import ConfigError, from_dict, to_dict, validate
+from unimllm.files import atomic_path, atomic_write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -192,10 +193,9 @@ class EvoTokenizer(nn.Module):
             ptr = v.untyped_storage().data_ptr()
             state[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
             seen.add(ptr)
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "model": type(self).__name__})
-        tmp.replace(out / WEIGHTS_NAME)
-        (out / CONFIG_NAME).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "model": type(self).__name__})
+        atomic_write_json(out / CONFIG_NAME, to_dict(cfg))
         return out
 
     @classmethod

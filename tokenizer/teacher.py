@@ -2,8 +2,8 @@
 
 EvoTok's semantic decoder regresses a frozen SigLIP2 encoder's patch features; what makes them worth
 regressing is that they encode the objects in each patch. No pretrained weights exist for the 64-px shapes
-world (and none are downloaded), so ``make demo`` trains a small SigLIP-architecture vision tower here, by the
-shared trainer, supervised on what the world knows at render time (``data.shapes.patch_labels``): for every
+world (and none are downloaded), so ``make demo`` trains a small SigLIP-architecture vision tower (this model, trained by
+:mod:`unimllm.stages.teacher_stage` through the shared trainer), supervised on what the world knows at render time (``data.shapes_geometry.patch_labels``): for every
 8x8 cell, the shape and colour of the object covering it (or background) and where that object's centre is.
 
     images (B, 3, H, W) in [-1, 1] -> SiglipVisionModel (all layers) -> features (B, h, w, C)
@@ -18,95 +18,28 @@ stage 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.config import DataConfig
-from data.loader import StreamingLoader, eval_loader
-from data.shapes import PATCH_COLORS, PATCH_SHAPES, patch_labels
-from data.transforms import normalize
 from tokenizer.config import VisionTowerConfig
 from tokenizer.encoder import VisionTower
-from unimllm.config import ConfigError
-from unimllm.distributed import DistInfo, all_reduce_sums, gathered_parameters
-from unimllm.trainer import OptimConfig, RunConfig, Task, TrainConfig
+from unimllm.files import atomic_path
 
 HEADS_NAME = "heads.safetensors"
-
-
-@dataclass
-class TeacherLossConfig:
-    """Weights of the per-cell objectives (cross-entropy for classes, MSE for the centre)."""
-
-    shape_weight: float = 1.0
-    """Cell shape (background, circle, square, triangle)."""
-    color_weight: float = 1.0
-    """Cell colour (background or one of GenEval's ten)."""
-    center_weight: float = 4.0
-    """Centre (x, y) of the cell's object as a fraction of the side (object cells only)."""
-    min_cover: float = 0.2
-    """A cell belongs to the object covering most of it if that covers at least this fraction of the cell."""
-
-
-@dataclass
-class TeacherValConfig:
-    """Held-out per-cell accuracy."""
-
-    shards: str = ""
-    """Held-out shapes-world shards (brace pattern); empty = no validation."""
-    max_images: int = 256
-    """Images evaluated (over all ranks)."""
-    batch_size: int = 64
-    """Validation batch per rank."""
-
-
-@dataclass
-class TeacherStageConfig:
-    """Train the shapes-world semantic teacher (``launch/teacher.py``)."""
-
-    model: VisionTowerConfig = field(default_factory=lambda: VisionTowerConfig(
-        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, feature_layer=-1))
-    """The tower (random init; its ``feature_layer`` hidden states are the features the heads read)."""
-    loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
-    """The objective."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0))
-    """AdamW."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Shapes-world shards, read with their json (the records' ``objects``), no flips, centre crop."""
-    val: TeacherValConfig = field(default_factory=TeacherValConfig)
-    """Held-out validation."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """The loop."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Output directory and logging."""
-
-    def validate(self) -> None:
-        img = self.data.image
-        if img.resolution != self.model.image_size:
-            raise ConfigError("data.image.resolution", f"{img.resolution} != model.image_size {self.model.image_size}")
-        if img.flip or img.crop != "center":
-            raise ConfigError("data.image", "the per-cell labels come from the record's boxes: flip false, crop center")
-        if not self.data.read_json:
-            raise ConfigError("data.read_json", "the labels come from each sample's json: must be true")
-        if not self.data.sources:
-            raise ConfigError("data.sources", "no training shards configured")
 
 
 class ShapesTeacher(nn.Module):
     """A vision tower plus per-cell linear heads (shape, colour, object centre)."""
 
-    def __init__(self, cfg: VisionTowerConfig, config_key: str = "model"):
+    def __init__(self, cfg: VisionTowerConfig, n_shapes: int, n_colors: int, config_key: str = "model"):
         super().__init__()
         self.tower = VisionTower(cfg, config_key=config_key)
         C = self.tower.hidden_size
-        self.shape_head = nn.Linear(C, len(PATCH_SHAPES))
-        self.color_head = nn.Linear(C, len(PATCH_COLORS))
+        self.shape_head = nn.Linear(C, n_shapes)  # classes incl. background
+        self.color_head = nn.Linear(C, n_colors)
         self.center_head = nn.Linear(C, 2)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -125,9 +58,9 @@ class ShapesTeacher(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.tower.model.save_pretrained(str(out), safe_serialization=True)
-        tmp = out / (HEADS_NAME + ".tmp")
-        save_file(self.heads_state(), str(tmp), metadata={"format": "pt", "feature_layer": str(self.tower.cfg.feature_layer)})
-        tmp.replace(out / HEADS_NAME)
+        with atomic_path(out / HEADS_NAME) as tmp:
+            save_file(self.heads_state(), str(tmp),
+                      metadata={"format": "pt", "feature_layer": str(self.tower.cfg.feature_layer)})
         return out
 
     @classmethod
@@ -136,24 +69,17 @@ class ShapesTeacher(nn.Module):
         from safetensors.torch import load_file
 
         src = Path(directory)
-        model = cls(VisionTowerConfig(pretrained=str(src), feature_layer=feature_layer), config_key="teacher")
         heads = src / HEADS_NAME
         if not heads.is_file():
             raise FileNotFoundError(f"{heads} not found (expected a ShapesTeacher.save_pretrained directory)")
-        missing, unexpected = model.load_state_dict(load_file(str(heads)), strict=False)
+        state = load_file(str(heads))
+        model = cls(VisionTowerConfig(pretrained=str(src), feature_layer=feature_layer),
+                    n_shapes=state["shape_head.weight"].shape[0], n_colors=state["color_head.weight"].shape[0],
+                    config_key="teacher")
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("tower.") for k in missing):
             raise ValueError(f"{heads}: unexpected keys {unexpected[:8]}, missing {[k for k in missing if not k.startswith('tower.')]}")
         return model.eval()
-
-
-def batch_labels(records: list[dict], image_size: int, grid: int, min_cover: float,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """Per-cell labels of a batch of shapes-world records: shape/color (B, g, g) long, center (B, g, g, 2)."""
-    missing = [r.get("__key__", i) for i, r in enumerate(records) if "objects" not in r]
-    if missing:
-        raise ValueError(f"samples {missing[:4]} have no 'objects' in their json: the teacher trains on shapes-world shards")
-    per = [patch_labels(r["objects"], image_size, grid, min_cover) for r in records]
-    return {k: torch.from_numpy(np.stack([p[k] for p in per])).to(device) for k in ("shape", "color", "center")}
 
 
 def teacher_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,86 +93,3 @@ def teacher_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
         res["color_acc"] = (out["color"].argmax(-1) == labels["color"])[obj].float().mean()
         res["center_err"] = (out["center"][obj] - labels["center"][obj]).abs().mean()
     return res
-
-
-class TeacherTask(Task):
-    """Supervised per-cell training of :class:`ShapesTeacher`; exports the teacher directory."""
-
-    def __init__(self, cfg: TeacherStageConfig):
-        self.cfg = cfg
-
-    def setup(self, dist: DistInfo) -> None:
-        self.dist, self.device = dist, dist.device
-        self.model = ShapesTeacher(self.cfg.model).to(self.device)
-        self.loader = StreamingLoader(self.cfg.data, rank=dist.rank, world_size=dist.world_size)
-        self.grid = self.model.tower.grid_size
-
-    def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return {"teacher": (self.model, self.cfg.optim.build(params, self.device))}
-
-    def micro_batch_size(self) -> int:
-        return self.cfg.data.batch_size
-
-    def train_batches(self):
-        return self.loader.batches()
-
-    def _labels(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        return batch_labels(records, self.cfg.model.image_size, self.grid, self.cfg.loss.min_cover, self.device)
-
-    def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:
-        engine, L = engines["teacher"], self.cfg.loss
-        x = normalize(batch["image"].to(self.device))  # (B, 3, H, W) in [-1, 1]
-        labels = self._labels(batch["json"])
-        with self.forward_context():
-            parts = teacher_losses(engine(x), labels)
-            loss = (L.shape_weight * parts["shape_loss"] + L.color_weight * parts["color_loss"]
-                    + L.center_weight * parts["center_loss"])
-        engine.backward(loss)
-        engine.step()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
-
-    def count(self, batch: Any) -> dict[str, int]:
-        return {"images": len(batch["__key__"])}
-
-    def data_stats(self) -> dict[str, float]:
-        return {f"data/skipped/{k}": float(v) for k, v in self.loader.skip_counts().items()}
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "loader" in state:
-            self.loader.load_state_dict(state["loader"])
-
-    @torch.no_grad()
-    def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, float]:
-        v = self.cfg.val
-        if not v.shards:
-            return {}
-        self.model.eval()
-        per_rank = max(1, v.max_images // self.dist.world_size)
-        sums = {"n": 0.0, "cells": 0.0, "shape": 0.0, "color": 0.0, "center_err": 0.0}
-        for batch in eval_loader(v.shards, v.batch_size, self.cfg.data.image.resolution, rank=self.dist.rank,
-                                 world_size=self.dist.world_size):
-            keep = int(per_rank - sums["n"])
-            x = normalize(batch["image"][:keep].to(self.device))
-            labels = self._labels(batch["json"][:keep])
-            out, obj = self.model(x), labels["shape"] > 0
-            sums["n"] += len(x)
-            sums["cells"] += float(obj.sum())
-            sums["shape"] += float((out["shape"].argmax(-1) == labels["shape"])[obj].sum())
-            sums["color"] += float((out["color"].argmax(-1) == labels["color"])[obj].sum())
-            sums["center_err"] += float((out["center"][obj] - labels["center"][obj]).abs().mean(-1).sum())
-            if sums["n"] >= per_rank:
-                break
-        self.model.train()
-        tot = all_reduce_sums(sums)
-        cells = max(tot["cells"], 1.0)
-        return {"val/shape_acc": tot["shape"] / cells, "val/color_acc": tot["color"] / cells,
-                "val/center_err": tot["center_err"] / cells, "val/images": tot["n"]}
-
-    def export(self, engines: dict[str, Any], out_dir: Path) -> None:
-        with gathered_parameters(self.model, self.cfg.train.zero_stage):
-            if self.dist.is_main:
-                self.model.save_pretrained(out_dir / "teacher")

@@ -19,16 +19,11 @@ Configs are inert: only user knobs, never runtime objects. Derived values belong
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import os
-import sys
-import textwrap
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -269,7 +264,7 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
         else:  # bare flag: a bool set to true
             k, v = tok[2:], "true"
             i += 1
-        out.append((k, v))
+        out.append((k.replace("-", "_"), v))  # --train.max-steps is --train.max_steps
     return out
 
 
@@ -341,135 +336,6 @@ def to_dict(cfg: Any) -> Any:
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    from unimllm.files import atomic_write
 
-
-# ----------------------------------------------------------------------------- docs and --help
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal under each field), merged over the MRO."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def iter_fields(cls: type, prefix: str = ""):
-    """Yield ``(dotted_key, annotation, default, doc)`` for every leaf field of a config tree."""
-    docs, hints = field_docs(cls), _hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, key)
-            continue
-        item = (typing.get_args(tp) or (None,))[0]
-        if typing.get_origin(tp) is list and dataclasses.is_dataclass(item):
-            yield key, tp, to_dict(f.default_factory()), docs.get(f.name, "")  # type: ignore[misc]
-            yield from iter_fields(item, f"{key}.N")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = to_dict(f.default_factory())  # type: ignore[misc]
-        else:
-            default = dataclasses.MISSING
-        yield key, tp, default, docs.get(f.name, "")
-
-
-def help_text(cls: type) -> str:
-    lines = [f"{cls.__name__} options (CLI > YAML > defaults):"]
-    for key, tp, default, doc in iter_fields(cls):
-        d = "required" if default is dataclasses.MISSING else f"default {default!r}"
-        lines.append(f"  --{key}  ({type_name(tp)}; {d})")
-        if doc:
-            lines.extend("      " + ln for ln in textwrap.wrap(doc, 90))
-    return "\n".join(lines)
-
-
-def split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[--config FILE | -c FILE | --config=FILE] rest...`` -> (FILE or None, rest).
-
-    Drops the ``--local_rank=N`` that the ``deepspeed`` launcher appends (LOCAL_RANK is in the environment).
-    """
-    path, rest, i = None, [], 0
-    argv = list(argv)
-    while i < len(argv):
-        if argv[i].startswith("--local_rank="):
-            i += 1
-        elif argv[i] == "--local_rank":
-            i += 2
-        elif argv[i] in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise ConfigError("--config", "needs a file path", CLI_SOURCE)
-            path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return path, rest
-
-
-def preset_defaults(cls: type, path: str | Path | None, overrides: Sequence[str], preset_key: str,
-                    presets: Callable[[str], dict]) -> dict:
-    """The defaults layer of a preset named by ``preset_key`` (CLI > YAML > the field's default)."""
-    from_cli = [v for k, v in parse_overrides(overrides) if k == preset_key]
-    from_yaml = read_yaml(path).get(preset_key) if path is not None else None
-    default = next(f.default for f in dataclasses.fields(cls) if f.name == preset_key)
-    name = from_cli[-1] if from_cli else from_yaml if from_yaml is not None else default
-    source = CLI_SOURCE if from_cli else str(path) if from_yaml is not None else "defaults"
-    try:
-        return {preset_key: name, **presets(name)}
-    except ConfigError as e:
-        raise ConfigError(preset_key, e.message, source) from None
-
-
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,
-              preset_key: str | None = None, presets: Callable[[str], dict] | None = None) -> T:
-    """Entry-point helper: ``[--config FILE] [--dotted.key VALUE ...] [--help]`` -> validated config.
-
-    With ``preset_key``/``presets``, the field ``preset_key`` names a preset whose dict (e.g. a model
-    config) layers between the dataclass defaults and the YAML. Prints ``--help`` and exits 0; prints a
-    ConfigError and exits 2 (no traceback).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(help_text(cls))
-        raise SystemExit(0)
-    try:
-        path, rest = split_config_arg(argv)
-        path = path or default_config
-        defaults = preset_defaults(cls, path, rest, preset_key, presets) if preset_key and presets else None
-        return load_config(cls, path, rest, defaults=defaults)
-    except ConfigError as e:
-        exit_with(e)
-    raise AssertionError("unreachable")
-
-
-def exit_with(e: ConfigError) -> None:
-    """Print a config error for a command-line user (no traceback) and exit with status 2."""
-    print(f"config error: {e}", file=sys.stderr)
-    raise SystemExit(2)
+    return atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

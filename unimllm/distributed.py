@@ -49,6 +49,21 @@ def _no_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group, if any (a failed run's way out), and forget the groups DeepSpeed cloned from it,
+    so that :func:`init_distributed` can start a new one in this process (an in-process caller's next run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and not name.startswith("__") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            if isinstance(value, dict):
+                value.clear()
+            else:
+                setattr(groups, name, None)
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed once (gloo on CPU, nccl on CUDA) and return this process's place."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"

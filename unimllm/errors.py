@@ -12,21 +12,31 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from unimllm.artifacts import ArtifactError
-from unimllm.checkpoint import CheckpointError
-from unimllm.config import ConfigError
-from unimllm.trainer import TrainingDiverged
 
-USAGE_ERRORS = (ConfigError, CheckpointError, ArtifactError, FileNotFoundError, NotADirectoryError)
+class ArtifactError(ValueError):
+    """A path that is not what a command expects, or is incomplete; ``str()`` names the path."""
+
+
+class SampleError(ValueError):
+    """A sample that violates the data schema; ``kind`` is one of ``data.schema``'s error-kind constants."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
+    from unimllm.checkpoint import CheckpointError
+    from unimllm.config import ConfigError
+    from unimllm.trainer import TrainingDiverged
+
+    usage_errors = (ConfigError, CheckpointError, ArtifactError, FileNotFoundError, NotADirectoryError)
     try:
         yield
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
-    except USAGE_ERRORS as e:
+    except usage_errors as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -17,6 +17,25 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
+
+from unimllm.files import atomic_write
+
+_PROGRESS = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn every progress bar of this process on or off (``--no_progress`` of every command)."""
+    _PROGRESS["enabled"] = enabled
+
+
+def progress_bar(iterable: Any = None, *, desc: str, total: int | None = None, initial: int = 0, unit: str = "it",
+                 main: bool = True, enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr for a loop that can take more than a few seconds. Shown only on rank 0 (``main``),
+    when stderr is a terminal, and unless turned off (``enabled=False``, :func:`set_progress`)."""
+    show = enabled and main and _PROGRESS["enabled"] and sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=not show)
 
 
 class Logger(Protocol):
@@ -64,9 +83,7 @@ class JsonlLogger:
         if resume_step is not None and path.is_file():  # rows logged after the checkpoint are logged again
             keep = [line for line in path.read_text().splitlines(keepends=True)
                     if line.strip() and _row_step(line) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(keep))
         self.f = open(path, "a", buffering=1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

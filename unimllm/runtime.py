@@ -27,7 +27,7 @@ DEFAULTS = {
 AVX2_EMULATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 """Environment that makes any x86 CPU run, and be detected (``unimllm.precision``), as a plain AVX2 machine
 without native bf16: torch's kernels, oneDNN's and MKL's limited to AVX2 (a bf16 matmul is then emulated,
-~16x slower than fp32 here; docs/performance.md). ``make demo AVX2=1`` / ``launch/demo.py --emulate-avx2``."""
+~16x slower than fp32 here; docs/performance.md). ``make demo AVX2=1`` / ``launch/demo.py --emulate_avx2``."""
 
 
 def cpu_thread_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

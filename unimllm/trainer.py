@@ -22,12 +22,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm import tqdm
 
 from unimllm.checkpoint import Checkpointer, latest_checkpoint, read_step
 from unimllm.config import ConfigError, dump_config, to_dict
-from unimllm.distributed import DistInfo, all_reduce_sums, any_rank, build_engine, deepspeed_config, grad_norm
-from unimllm.logging import Logger, build_logger, print0
+from unimllm.distributed import (
+    DistInfo,
+    all_reduce_sums,
+    any_rank,
+    build_engine,
+    deepspeed_config,
+    grad_norm,
+    shutdown_distributed,
+)
+from unimllm.logging import Logger, build_logger, print0, progress_bar
 from unimllm.precision import resolve_train_precision
 
 
@@ -358,6 +365,10 @@ class Trainer:
         self._build(resume)
         try:
             return self._fit(resume)
+        except BaseException:
+            # this rank leaves the process group: the others' collectives fail instead of waiting out the timeout
+            shutdown_distributed()
+            raise
         finally:
             if self.logger is not None:
                 self.logger.close()  # also on failure: W&B finishes its run, metrics.jsonl is flushed
@@ -374,7 +385,7 @@ class Trainer:
         n_metric, t_data, flops = 0, 0.0, 0.0
         t_window = time.perf_counter()
         last: dict[str, float] = {}
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=self.step, main=self.dist.is_main, desc="train", unit="step")
         while self.step < cfg.steps:
             lr_factor = self._set_lr()
             nonfinite: list[str] = []

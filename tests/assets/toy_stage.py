@@ -17,7 +17,7 @@ from torch import nn
 from data.config import DataConfig, ImageConfig, SourceConfig
 from data.loader import StreamingLoader
 from data.transforms import normalize
-from unimllm.config import parse_cli
+from unimllm.command_line import parse_cli
 from unimllm.distributed import DistInfo, init_distributed
 from unimllm.errors import user_errors
 from unimllm.trainer import RunConfig, Task, TrainConfig, Trainer

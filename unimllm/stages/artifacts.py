@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from unimllm.checkpoint import ENGINE_TAG, META, latest_checkpoint, list_checkpoints
+from unimllm.errors import ArtifactError
+from unimllm.files import tensors_fingerprint
 
 TOKENIZER, UNIFIED, CHECKPOINT, RUN = "tokenizer", "unified", "checkpoint", "run"
 EXPECTED = {
@@ -35,8 +37,48 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: partitioned placeholders
 
 
-class ArtifactError(ValueError):
-    """A path that is not what a command expects, or is incomplete; ``str()`` names the path."""
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """The fingerprint (:func:`unimllm.files.tensors_fingerprint`) of a tokenizer export's ``model.safetensors``:
+    it identifies the weights that made a set of codes, whatever the file's header layout."""
+    return tensors_fingerprint(Path(tokenizer_dir) / "model.safetensors")
+
+
+def tokenizer_reference(tokenizer_dir: str | Path) -> dict:
+    return {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir)}
+
+
+@dataclass(frozen=True)
+class ResolvedTokenizer:
+    """The EvoTok tokenizer of a unified export, checked against the export's reference (see resolve_tokenizer)."""
+
+    path: Path
+    """Its directory (``config.json`` + ``model.safetensors``)."""
+    sha256: str
+    """sha256 of its ``model.safetensors`` tensors (tokenizer_fingerprint), equal to the one the export records."""
+
+
+def resolve_tokenizer(export_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
+                      field: str = "tokenizer_dir") -> ResolvedTokenizer:
+    """The tokenizer the unified export ``export_dir`` was trained with: ``tokenizer_dir`` when given (the
+    export's reference moved), else the path the export references. Refused unless it is an EvoTok export
+    whose ``model.safetensors`` has the recorded sha256 (hashed once, here). Errors name ``field`` (the
+    argument or config key that overrides the tokenizer)."""
+    from llm.model import read_meta
+    from tokenizer.model import is_tokenizer_dir
+
+    src = Path(export_dir)
+    ref = read_meta(src)["tokenizer"]  # FileNotFoundError / ValueError when src is not a unified export
+    tdir = Path(tokenizer_dir or ref["path"])
+    if not is_tokenizer_dir(tdir):
+        if tokenizer_dir:
+            raise FileNotFoundError(f"{field}: {tdir} is not an EvoTok export (config.json + model.safetensors)")
+        raise FileNotFoundError(f"{src}: its tokenizer {tdir} is missing or not an EvoTok export (config.json + "
+                                f"model.safetensors); pass {field} if it moved")
+    sha = tokenizer_fingerprint(tdir)
+    if sha != ref["sha256"]:
+        raise ValueError(f"{field}: {tdir} is not the tokenizer {src} was trained with "
+                         f"(sha256 {sha[:12]}... != {ref['sha256'][:12]}...)")
+    return ResolvedTokenizer(tdir, sha)
 
 
 @dataclass(frozen=True)
@@ -77,39 +119,43 @@ def _wrong_kind(a: Artifact, command: str, wanted: str) -> ArtifactError:
     return ArtifactError(f"{a.path}: is {EXPECTED[a.kind]}; {command} needs {wanted}{hint}")
 
 
+def export_of(path: str | Path, command: str, kinds: tuple[str, ...] = (UNIFIED,)) -> Artifact:
+    """The export ``path`` names, of one of ``kinds`` (in order of preference): ``path`` itself, or a run
+    directory's ``export/tokenizer`` / ``export/unified``. ArtifactError naming ``command`` otherwise."""
+    if not Path(path).exists():
+        raise ArtifactError(f"{command}: {path} does not exist")
+    a = identify(path)
+    if a.kind == RUN:
+        for kind in kinds:
+            cand = a.path / "export" / ENGINE[kind]
+            if cand.is_dir():
+                a = identify(cand)
+                break
+    if a.kind not in kinds:
+        wanted = " or ".join(EXPECTED[k] for k in kinds)
+        raise _wrong_kind(a, command, f"{wanted} or a run directory holding export/")
+    return a
+
+
 def unified_export(path: str | Path, command: str) -> Path:
     """A complete unified export: ``path`` itself or a run directory's ``export/unified``."""
     from llm.model import read_meta
 
-    a = identify(path)
-    if a.kind == RUN and (a.path / "export" / "unified" / "unified_config.json").is_file():
-        a = Artifact(UNIFIED, a.path / "export" / "unified")
-    if a.kind != UNIFIED:
-        raise _wrong_kind(a, command, f"{EXPECTED[UNIFIED]} or a run directory holding export/unified")
+    a = export_of(path, command, (UNIFIED,))
     read_meta(a.path)  # ValueError naming the file when it is another format
     missing = [f for f in ("heads.safetensors", "llm/config.json", "text_tokenizer") if not (a.path / f).exists()]
     if missing:
-        raise ArtifactError(f"{a.path}: incomplete unified export (missing {', '.join(missing)})")
+        raise ArtifactError(f"{a.path}: incomplete unified export (missing {', '.join(missing)}); {command} needs "
+                            "a complete one")
     return a.path
 
 
-def tokenizer_export(path: str | Path, command: str):
-    """The tokenizer of ``path`` as an ``llm.pipeline.ResolvedTokenizer``: a tokenizer export, a run directory's
-    ``export/tokenizer``, or the tokenizer a unified export references (sha256-checked)."""
-    from data.precompute_codes import tokenizer_fingerprint
-    from llm.pipeline import ResolvedTokenizer, resolve_tokenizer
-
-    a = identify(path)
-    if a.kind == RUN:
-        for name in ("tokenizer", "unified"):
-            cand = a.path / "export" / name
-            if cand.is_dir():
-                a = identify(cand)
-                break
+def tokenizer_export(path: str | Path, command: str, *, field: str = "--tokenizer") -> ResolvedTokenizer:
+    """The tokenizer of ``path``: a tokenizer export, a run directory's ``export/tokenizer``, or the tokenizer a
+    unified export (or a run's ``export/unified``) references (sha256-checked; errors name ``field``)."""
+    a = export_of(path, command, (TOKENIZER, UNIFIED))
     if a.kind == UNIFIED:
-        return resolve_tokenizer(a.path, None, field="--tokenizer")
-    if a.kind != TOKENIZER:
-        raise _wrong_kind(a, command, f"{EXPECTED[TOKENIZER]}, a unified export or a run directory holding export/")
+        return resolve_tokenizer(unified_export(a.path, command), None, field=field)
     return ResolvedTokenizer(a.path, tokenizer_fingerprint(a.path))
 
 
@@ -220,7 +266,6 @@ def _run_provenance(export_dir: Path) -> dict | None:
 
 
 def describe_tokenizer(path: Path) -> dict:
-    from data.precompute_codes import tokenizer_fingerprint
 
     cfg = json.loads((path / "config.json").read_text())
     parts = _by_part(_safetensors_shapes(path / "model.safetensors"))
@@ -230,7 +275,6 @@ def describe_tokenizer(path: Path) -> dict:
 
 
 def describe_unified(path: Path) -> dict:
-    from data.precompute_codes import tokenizer_fingerprint
     from llm.model import read_meta
     from tokenizer.model import is_tokenizer_dir
 
@@ -280,7 +324,7 @@ def _engine_info(states: Path) -> dict:
 def _data_provenance(config: dict) -> list[dict]:
     """Each training source's shard pattern, and the tokenizer sha256 its codes manifest records (if any)."""
     from data.loader import expand_shards
-    from data.precompute_codes import read_codes_manifest
+    from unimllm.stages.precompute_codes import read_codes_manifest
 
     out = []
     for src in (config.get("data") or {}).get("sources") or []:
@@ -297,7 +341,6 @@ def _data_provenance(config: dict) -> list[dict]:
 
 
 def describe_checkpoint(ckpt: Path) -> dict:
-    from data.precompute_codes import tokenizer_fingerprint
     from tokenizer.model import is_tokenizer_dir
 
     meta = read_checkpoint_meta(ckpt)

@@ -1,12 +1,12 @@
 """Linear probe on ONE grid cell of a tokenizer's semantic features: does that cell say which object it shows?
 
-    python -m eval.cell_probe --tokenizer runs/demo/stage1/export/tokenizer \
-        --train-shards "runs/demo/shapes/train/shapes-train-000000.tar" \
-        --val-shards runs/demo/shapes/val/shapes-val-000000.tar [--out probe.json]
+    python -m unimllm.stages.cell_probe --tokenizer runs/demo/stage1/export/tokenizer \
+        --train_shards "runs/demo/shapes/train/shapes-train-000000.tar" \
+        --val_shards runs/demo/shapes/val/shapes-val-000000.tar [--out probe.json]
 
 For every shapes-world image, the stage-1 tokenizer's ``semantic_features`` (what the LLM's understanding path
 reads: the semantic decoder's output from the codes of all L_sem depths) are taken at each cell that an object
-owns (``data.shapes.patch_labels``). A multinomial logistic regression (one linear layer) is fitted on the cells
+owns (``data.shapes_geometry.patch_labels``). A multinomial logistic regression (one linear layer) is fitted on the cells
 of the training images and scored on held-out images, once for the cell's shape and once for its colour.
 Reported with the majority-class rate (chance) of the held-out cells; the control is the same probe on a
 tokenizer trained without the semantic teacher.
@@ -19,7 +19,6 @@ if __name__ == "__main__":  # run as a command: set the OpenMP wait policy befor
 
     cpu_thread_defaults()
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from data.loader import eval_loader
-from data.shapes import patch_labels
+from data.shapes_geometry import patch_labels
 from data.transforms import normalize
+from unimllm.command_line import FlagParser
 
 
 @torch.no_grad()
@@ -90,12 +90,12 @@ def probe(tokenizer_dir: str, train_shards: str, val_shards: str, max_train: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = FlagParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, nargs="+", help="stage-1 export directories (one probe each)")
-    ap.add_argument("--train-shards", required=True, help="shapes-world shards the probe is fitted on (brace pattern)")
-    ap.add_argument("--val-shards", required=True, help="held-out shapes-world shards it is scored on")
-    ap.add_argument("--max-train", type=int, default=1000, help="training images")
-    ap.add_argument("--max-val", type=int, default=500, help="held-out images")
+    ap.add_argument("--train_shards", required=True, help="shapes-world shards the probe is fitted on (brace pattern)")
+    ap.add_argument("--val_shards", required=True, help="held-out shapes-world shards it is scored on")
+    ap.add_argument("--max_train", type=int, default=1000, help="training images")
+    ap.add_argument("--max_val", type=int, default=500, help="held-out images")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     for d in args.tokenizer:

@@ -253,7 +253,7 @@ class Stage1Task(Task):
     def evaluate(self, engines: dict[str, Any], step: int) -> dict[str, float]:
         if not self.cfg.val.shards:
             return {}
-        from data.shapes_scorer import agrees
+        from eval.shapes_scorer import agrees
 
         self.model.eval()
         per_rank = max(1, self.cfg.val.max_images // self.dist.world_size)

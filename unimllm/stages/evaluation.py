@@ -2,7 +2,7 @@
 
 Suites (``EvalConfig.suite``):
 
-- ``recon``: :func:`eval.recon.evaluate_reconstruction` of the tokenizer (a stage-1 export, or the one a
+- ``recon``: :func:`unimllm.stages.reconstruction.evaluate_reconstruction` of the tokenizer (a stage-1 export, or the one a
   unified export references) over ``recon.source``;
 - ``mme`` / ``pope``: greedy replies of the unified model, scored by :mod:`eval.mme` / :mod:`eval.pope`;
 - ``geneval``: images into GenEval's layout (:func:`eval.geneval.generate_layout`, resumable), then the
@@ -39,11 +39,11 @@ from eval.config import EvalConfig
 from eval.report import evaluator_versions, git_state, hash_files, sha256_file, tree_identity, write_report
 from unimllm.config import to_dict
 from unimllm.distributed import DistInfo, barrier, broadcast_object, gather_objects
-from unimllm.logging import build_logger, print0
+from unimllm.logging import build_logger, print0, progress_bar
 from unimllm.precision import resolve_eval_precision
 
 if TYPE_CHECKING:
-    from llm.pipeline import ResolvedTokenizer
+    from unimllm.stages.artifacts import ResolvedTokenizer
 
 GENERATOR = ("image with sample seed s: torch.Generator('cpu').manual_seed(s) draws every code of that image in "
              "llm.sampling.sample_codes (one generator per image: codes independent of batch and ranks; the batched "
@@ -69,38 +69,25 @@ class Checkpoint:
     """The tokenizer (the export itself for kind tokenizer) and its sha256, computed once at resolution."""
 
 
-def _unified(folder: Path, tokenizer: str) -> Checkpoint:
-    from llm.model import read_meta
-    from llm.pipeline import resolve_tokenizer
-
-    read_meta(folder)  # ValueError on another format
-    missing = [f for f in ("heads.safetensors", "llm/config.json", "text_tokenizer") if not (folder / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"ckpt: {folder} is an incomplete unified export (missing {', '.join(missing)})")
-    return Checkpoint("unified", folder, resolve_tokenizer(folder, tokenizer or None, field="tokenizer"))
-
-
 def resolve_checkpoint(ckpt: str | Path, suite: str, tokenizer: str = "") -> Checkpoint:
-    """A unified export / stage-2 run folder, or (suite recon only) a tokenizer export / stage-1 run folder."""
-    from data.precompute_codes import tokenizer_fingerprint
-    from llm.pipeline import ResolvedTokenizer
-    from tokenizer.model import is_tokenizer_dir
+    """A unified export / stage-2 or 3 run folder, or (suite recon only) a tokenizer export / stage-1 run folder
+    (:mod:`unimllm.stages.artifacts`; errors name ``ckpt``)."""
+    from unimllm.stages.artifacts import (
+        TOKENIZER,
+        UNIFIED,
+        ResolvedTokenizer,
+        export_of,
+        resolve_tokenizer,
+        tokenizer_fingerprint,
+        unified_export,
+    )
 
-    root = Path(ckpt)
-    if not root.is_dir():
-        raise FileNotFoundError(f"ckpt: {root} is not a directory (train and export it first; the shapes demo's is "
-                                "written by `make stage2`)")
-    for cand in (root, root / "export" / "unified", root / "export" / "tokenizer"):
-        if (cand / "unified_config.json").is_file():
-            return _unified(cand, tokenizer)
-        if is_tokenizer_dir(cand):
-            if suite != "recon":
-                raise ValueError(f"ckpt: {cand} is a stage-1 tokenizer export; suite {suite} needs a stage-2 unified "
-                                 "export (a folder with unified_config.json)")
-            return Checkpoint("tokenizer", cand, ResolvedTokenizer(cand, tokenizer_fingerprint(cand)))
-    raise FileNotFoundError(f"ckpt: {root} is neither a stage-2 unified export (unified_config.json, heads.safetensors, "
-                            "llm/, text_tokenizer/) nor a stage-1 tokenizer export (config.json + model.safetensors), "
-                            "nor a run folder with export/unified or export/tokenizer")
+    command = f"ckpt (suite {suite})"
+    a = export_of(ckpt, command, (UNIFIED, TOKENIZER) if suite == "recon" else (UNIFIED,))
+    if a.kind == UNIFIED:
+        path = unified_export(a.path, command)
+        return Checkpoint("unified", path, resolve_tokenizer(path, tokenizer or None, field="tokenizer"))
+    return Checkpoint("tokenizer", a.path, ResolvedTokenizer(a.path, tokenizer_fingerprint(a.path)))
 
 
 def output_dir(cfg: EvalConfig, ckpt: Checkpoint) -> Path:
@@ -132,7 +119,7 @@ class Run:
         self.files += [str(p) for p in paths if p]
 
     def pipeline(self):
-        from llm.pipeline import UnifiedPipeline
+        from unimllm.stages.pipeline import UnifiedPipeline
 
         if self._pipe is None:
             self._pipe = UnifiedPipeline.from_pretrained(self.ckpt.path, tokenizer_dir=self.ckpt.tokenizer,
@@ -187,9 +174,9 @@ def checkpoint_identity(ckpt: Checkpoint) -> dict:
 def recon_part(run: Run, source: str) -> dict:
     """Reconstruction metrics over ``source`` (folder or shards); ``recon_grid.png`` on rank 0."""
     from data.loader import expand_shards
-    from eval.recon import evaluate_reconstruction
+    from eval.recon import IMAGE_SUFFIXES
     from tokenizer.lpips import LPIPS
-    from tokenizer.reconstruct import IMAGE_SUFFIXES
+    from unimllm.stages.reconstruction import evaluate_reconstruction
 
     r = run.cfg.recon
     if Path(source).is_dir():
@@ -218,7 +205,7 @@ def answer(run: Run, questions: Sequence, load_image: Callable, *, batch: int, m
     pipe, d = run.pipeline(), run.dist
     mine = list(range(d.rank, len(questions), d.world_size))
     got: dict[int, str] = {}
-    for s in range(0, len(mine), batch):
+    for s in progress_bar(range(0, len(mine), batch), desc="answer", unit="batch", main=d.is_main):
         idx = mine[s: s + batch]
         replies = pipe.answer([load_image(questions[i]) for i in idx], [questions[i].question + suffix for i in idx],
                               max_new_tokens=max_new_tokens, batch=batch)
@@ -383,7 +370,7 @@ def suite_geneval(run: Run) -> dict:
 
 
 def suite_shapes(run: Run) -> dict:
-    from data import shapes_scorer
+    from eval import shapes_scorer
     from eval.geneval import score_shapes_layout
     from eval.mme import shapes_questions
 
@@ -404,7 +391,7 @@ def suite_shapes(run: Run) -> dict:
         return {**rep, "control": control, "ratio": ratio, "generation": gen}
 
     out["shapes_geneval"] = run.timed("shapes_geneval_score", score)
-    run.settings["scorer"] = {"name": "data.shapes_scorer", "module_sha256": sha256_file(shapes_scorer.__file__),
+    run.settings["scorer"] = {"name": "eval.shapes_scorer", "module_sha256": sha256_file(shapes_scorer.__file__),
                               "config": dataclasses.asdict(shapes_scorer.ScorerConfig()), "control": CONTROL}
     run.settings["seeds"]["control"] = f"shuffled_partner seed = {run.cfg.seed}"
     return out

@@ -26,7 +26,9 @@ from unimllm.runtime import cpu_thread_defaults
 cpu_thread_defaults()  # before torch loads (commands import it lazily): OpenMP reads its wait policy once
 
 from unimllm import __version__
-from unimllm.artifacts import ArtifactError, describe, tokenizer_export, training_checkpoint, unified_export
+from unimllm.command_line import FlagParser
+from unimllm.errors import ArtifactError
+from unimllm.stages.artifacts import describe, tokenizer_export, training_checkpoint, unified_export
 
 SEED_RULE = ("image j of prompt i (0-based, --n images per prompt) is drawn with its own generator "
              "torch.Generator('cpu').manual_seed(seed + i * n + j): independent of --batch")
@@ -48,7 +50,7 @@ def _device(name: str):
 def image_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
     """(image file, output name) for files and folders (searched recursively for jpg/png/webp), in order; output
     names are the file's stem, or its path inside the folder, with ``.png``; two inputs may not share one."""
-    from tokenizer.reconstruct import IMAGE_SUFFIXES
+    from eval.recon import IMAGE_SUFFIXES
 
     items: list[tuple[Path, Path]] = []
     for p in inputs:
@@ -72,7 +74,7 @@ def image_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
 def _read_image(path: Path, resolution: int | None = None):
     """A PIL image (center-cropped to ``resolution`` as uint8 (R, R, 3) when given); one clear line if unreadable."""
     from data.schema import decode_image
-    from tokenizer.reconstruct import read_image
+    from unimllm.stages.reconstruction import read_image
 
     if not path.is_file():
         raise ArtifactError(f"{path}: no such image file")
@@ -90,7 +92,8 @@ def _quiet_transformers() -> None:
 
 def _pipeline(ckpt: Path, tokenizer: Path | None, device: str, command: str):
     """(pipeline, export directory, resolved tokenizer) of ``ckpt``; the tokenizer is hashed once."""
-    from llm.pipeline import UnifiedPipeline, resolve_tokenizer
+    from unimllm.stages.artifacts import resolve_tokenizer
+    from unimllm.stages.pipeline import UnifiedPipeline
 
     _quiet_transformers()
     export = unified_export(ckpt, command)
@@ -109,7 +112,7 @@ def _tokenizer(path: Path, device: str, command: str):
 
 
 def cmd_reconstruct(args) -> int:
-    from tokenizer.reconstruct import reconstruct_files
+    from unimllm.stages.reconstruction import reconstruct_files
 
     items = image_files(args.images)
     _, model = _tokenizer(args.tokenizer, args.device, "reconstruct")
@@ -132,8 +135,8 @@ def cmd_encode(args) -> int:
     import numpy as np
     import torch
 
-    from data.precompute_codes import codes_dtype
     from data.transforms import normalize
+    from unimllm.stages.precompute_codes import codes_dtype
 
     if args.out.suffix != ".npy":
         raise ArtifactError(f"--out {args.out}: expected a .npy file name")
@@ -151,7 +154,7 @@ def cmd_encode(args) -> int:
     side.write_text(json.dumps({"codes": args.out.name, "shape": list(arr.shape), "dtype": str(arr.dtype),
                                 "images": [str(src) for src, _ in items],
                                 "tokenizer": {"path": str(ref.path.resolve()), "sha256": ref.sha256},
-                                "preprocessing": f"center crop to {res} px (as tokenizer.reconstruct)"}, indent=2))
+                                "preprocessing": f"center crop to {res} px (as unimllm.stages.reconstruction)"}, indent=2))
     print(f"codes {tuple(arr.shape)} {arr.dtype} of {len(items)} images -> {args.out} (+ {side.name})")
     return 0
 
@@ -190,7 +193,7 @@ def cmd_generate(args) -> int:
     try:
         sampler.validate()
     except ConfigError as e:
-        raise ArtifactError(f"--cfg-scale/--temperature/--top-k/--top-p: {e.message} (sampler "
+        raise ArtifactError(f"--cfg_scale/--temperature/--top_k/--top_p: {e.message} (sampler "
                             f"{dataclasses.asdict(sampler)})") from None
     jobs = [(i, j, p) for i, p in enumerate(args.prompt) for j in range(args.n)]
     seeds = [args.seed + i * args.n + j for i, j, _ in jobs]
@@ -211,7 +214,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from unimllm.consolidate import export_checkpoint
+    from unimllm.stages.consolidate import export_checkpoint
 
     _quiet_transformers()
     ckpt = training_checkpoint(args.ckpt, "export")
@@ -270,11 +273,11 @@ def _model_parser(sub, name: str, help_: str, dev: argparse.ArgumentParser) -> a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="unimllm", description=__doc__,
+    ap = FlagParser(prog="unimllm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"unimllm {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    dev = argparse.ArgumentParser(add_help=False)
+    dev = FlagParser(add_help=False)
     dev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     tok_help = "tokenizer export, unified export (its tokenizer) or run directory"
 
@@ -298,16 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", type=Path, required=True)
     chat.add_argument("--question", default=None, help="answer this and exit (else: questions from stdin until "
                                                         "EOF or 'exit')")
-    chat.add_argument("--max-new-tokens", type=_positive, default=64)
+    chat.add_argument("--max_new_tokens", type=_positive, default=64)
     chat.set_defaults(func=cmd_chat)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--out", type=Path, required=True, help="folder for the PNGs and manifest.json")
     gen.add_argument("--n", type=_positive, default=1, help="images per prompt")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's sampler")
+    gen.add_argument("--cfg_scale", type=float, default=None, help="default: the checkpoint's sampler")
     gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top_k", type=int, default=None)
+    gen.add_argument("--top_p", type=float, default=None)
     gen.add_argument("--batch", type=_positive, default=16)
     gen.set_defaults(func=cmd_generate)
 
@@ -316,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=None, help="stage 2-3: the tokenizer export (default: the "
                                                                 "training config's; stage 3: its init_from's)")
-    p.add_argument("--text-tokenizer", type=Path, default=None, help="stage 2-3: the text tokenizer directory")
-    p.add_argument("--allow-pickle", action="store_true", help="allow DeepSpeed's unpickling loaders (ZeRO-3 "
+    p.add_argument("--text_tokenizer", type=Path, default=None, help="stage 2-3: the text tokenizer directory")
+    p.add_argument("--allow_pickle", action="store_true", help="allow DeepSpeed's unpickling loaders (ZeRO-3 "
                                                                "checkpoints): only for checkpoints you trust")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_export)

@@ -1,12 +1,12 @@
 """lmms-eval adapter: a unimllm export as the lmms-eval model ``unimllm`` (classic "simple" interface).
 
-    python -m eval.lmms_adapter --model unimllm --model_args pretrained=runs/stage2/tiny/export/unified \
+    python -m unimllm.stages.lmms_adapter --model unimllm --model_args pretrained=runs/stage2/tiny/export/unified \
         --tasks mme --batch_size 16 --output_path runs/lmms_eval
-    accelerate launch --num_processes 8 -m eval.lmms_adapter --model unimllm ...   # data parallel
+    accelerate launch --num_processes 8 -m unimllm.stages.lmms_adapter --model unimllm ...   # data parallel
 
-``python -m eval.lmms_adapter`` registers the model, then runs lmms-eval's own CLI with the same arguments.
+``python -m unimllm.stages.lmms_adapter`` registers the model, then runs lmms-eval's own CLI with the same arguments.
 Plain ``lmms-eval --model unimllm`` works once the entry point ``lmms_eval.models: unimllm =
-eval.lmms_adapter:manifest`` is declared (docs/lmms_eval.md). lmms_eval is imported only on demand: the core
+unimllm.stages.lmms_adapter:manifest`` is declared (docs/lmms_eval.md). lmms_eval is imported only on demand: the core
 (``UnimllmModel``: requests -> ``UnifiedPipeline.answer`` / continuation log-probs) needs none of it.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-MODEL_ID, CLASS_PATH = "unimllm", "eval.lmms_adapter.Unimllm"
+MODEL_ID, CLASS_PATH = "unimllm", "unimllm.stages.lmms_adapter.Unimllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,7 +57,7 @@ class UnimllmModel:
                  max_new_tokens: int = 128, seed: int = 0, ll_mode: str = "nll", pipeline: Any = None,
                  **unused: Any):
         super().__init__()  # lmms.__init__ when mixed in: rank 0 / world 1, cache hook, task_dict
-        from llm.pipeline import UnifiedPipeline
+        from unimllm.stages.pipeline import UnifiedPipeline
 
         unused.pop("max_batch_size", None)  # passed by the lmms-eval CLI; batches are fixed-size here
         if unused:
@@ -205,7 +205,7 @@ def lmms_class() -> type:
     return _CLASS
 
 
-def __getattr__(name: str) -> Any:  # ``eval.lmms_adapter.Unimllm`` is what lmms-eval's registry imports
+def __getattr__(name: str) -> Any:  # ``unimllm.stages.lmms_adapter.Unimllm`` is what lmms-eval's registry imports
     if name == "Unimllm":
         return lmms_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

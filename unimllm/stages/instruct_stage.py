@@ -12,7 +12,7 @@ weights ``mix.understanding / generation / mixed`` among those the record suppor
     pairs) answered in text with the generated image in context.
 
 The loss covers assistant turns only (``llm.conversation``). Batching, the step, validation and export are
-stage 2's (:class:`llm.stage.Stage2Task`); stage 3 changes where the model comes from, which parameters train
+stage 2's (:class:`unimllm.stages.alignment_stage.Stage2Task`); stage 3 changes where the model comes from, which parameters train
 (full, or LoRA adapters through peft + projectors + depth transformer, merged into the LLM on export) and how
 records become conversations. Validation adds the mixed-turn skill: yes/no accuracy on questions asked after
 the held-out image sits, teacher-forced, in an assistant generation turn.
@@ -32,12 +32,16 @@ from data.config import DataConfig
 from data.schema import SampleError
 from llm.config import UnifiedConfig
 from llm.conversation import ConversationEncoder
-from llm.model import CONFIG_NAME, HEADS_NAME, LLM_DIR, TEXT_TOKENIZER_DIR, UnifiedModel, read_meta
-from llm.pipeline import generate_replies, resolve_tokenizer
-from llm.stage import BAD_RECORD, SequenceSample, Stage2Task, Stage2ValConfig
+from llm.lora import LoraConfig, add_lora
+from llm.model import CONFIG_NAME, TEXT_TOKENIZER_DIR, UnifiedModel, read_meta
 from llm.text_tokenizer import IMAGE_TOKEN, load_text_tokenizer
 from unimllm.config import ConfigError, from_dict, to_dict
 from unimllm.distributed import all_reduce_sums
+from unimllm.stages.alignment_config import Stage2ValConfig
+from unimllm.stages.alignment_stage import Stage2Task
+from unimllm.stages.artifacts import resolve_tokenizer, unified_export
+from unimllm.stages.pipeline import generate_replies
+from unimllm.stages.samples import BAD_RECORD, SequenceSample
 from unimllm.trainer import OptimConfig, RunConfig, TrainConfig
 
 MODES = ("understanding", "generation", "mixed")
@@ -47,27 +51,6 @@ PHRASE_TEMPLATES = ("{}", "Draw {}.", "Please draw {}.", "Generate an image of {
 CAPTION_TEMPLATES = ("{}", "Draw this: {}", "Generate an image that matches this description. {}",
                      "Can you make a picture of this? {}")
 _PHOTO_OF = re.compile(r"^(a photo of|a picture of|an image of)\s+", re.IGNORECASE)
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters on the LLM (peft); merged into its weights on export."""
-
-    rank: int = 64
-    """Adapter rank r."""
-    alpha: float = 128.0
-    """Scaling numerator: the update is (alpha / rank) * B @ A."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])
-    """LLM Linear layers (module-name suffixes) that get adapters."""
-
-    def validate(self) -> None:
-        if self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("rank", "need rank > 0, alpha > 0 and dropout in [0, 1)")
-        if not self.target_modules:
-            raise ConfigError("target_modules", "name at least one LLM module")
 
 
 @dataclass
@@ -169,16 +152,6 @@ class Stage3Config:
             raise ConfigError("data.read_json", "stage 3 reads each record's json (conversations, prompts)")
 
 
-def check_export(path: str) -> Path:
-    """``init_from`` as a stage-2 export directory, or FileNotFoundError naming ``init_from``."""
-    src = Path(path)
-    missing = [n for n in (CONFIG_NAME, HEADS_NAME, LLM_DIR, TEXT_TOKENIZER_DIR) if not (src / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"init_from: {src} is not a stage-2 export (missing {', '.join(missing)}); point it "
-                                "at <stage-2 run>/export/unified, e.g. runs/stage2/tiny/export/unified")
-    return src
-
-
 # ----------------------------------------------------------------------------- conversations
 
 
@@ -251,7 +224,7 @@ class Stage3Task(Stage2Task):
 
     def build_model(self) -> None:
         cfg, t = self.cfg, self.cfg.tune
-        src = check_export(cfg.init_from)
+        src = unified_export(cfg.init_from, "init_from")
         try:
             meta = read_meta(src)
         except (OSError, ValueError) as e:
@@ -273,16 +246,7 @@ class Stage3Task(Stage2Task):
 
     def _add_lora(self) -> list[dict]:
         """Wrap the LLM with peft LoRA adapters; param groups: heads (projectors, depth) + adapters."""
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        lc = self.cfg.tune.lora
-        peft_cfg = PeftLoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
-                                  target_modules=list(lc.target_modules))
-        try:
-            self.model.llm = get_peft_model(self.model.llm, peft_cfg)
-        except ValueError as e:
-            raise ValueError(f"tune.lora.target_modules: {e}") from None
+        self.model.llm = add_lora(self.model.llm, self.cfg.tune.lora, field="tune.lora")
         heads = [p for n, p in self.model.named_parameters() if not n.startswith("llm.")]
         for p in heads:
             p.requires_grad_(True)

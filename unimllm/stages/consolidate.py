@@ -13,7 +13,7 @@ Reading the weights:
 - ZeRO-3: parameters are partitioned across the ranks' optimizer files and are consolidated (to fp32) by
   DeepSpeed's ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, which loads those files with
   ``torch.load(weights_only=False)``, i.e. **unpickles them: this can run arbitrary code from a malicious
-  checkpoint**. It is only done when the caller passes ``allow_pickle=True`` (``--allow-pickle``), for
+  checkpoint**. It is only done when the caller passes ``allow_pickle=True`` (``--allow_pickle``), for
   checkpoints you trust.
 
 Files the export needs besides the weights: the stage-1 tokenizer export (``tokenizer_dir``, else stage 3's
@@ -31,13 +31,14 @@ import contextlib
 import dataclasses
 import os
 import pickle
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from unimllm.artifacts import (
+from unimllm.checkpoint import UNREADABLE, unreadable_message
+from unimllm.files import atomic_path
+from unimllm.stages.artifacts import (
     MODEL_STATES,
     TOKENIZER,
     UNIFIED,
@@ -46,7 +47,6 @@ from unimllm.artifacts import (
     engine_states_file,
     read_checkpoint_meta,
 )
-from unimllm.checkpoint import UNREADABLE, unreadable_message
 
 
 def engine_weights(states: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -54,12 +54,12 @@ def engine_weights(states: Path, *, allow_pickle: bool = False) -> dict[str, tor
     if states.name == MODEL_STATES:
         try:
             sd = torch.load(states, map_location="cpu", weights_only=True)
-        except UNREADABLE as e:  # truncated or corrupt: --allow-pickle would not help
+        except UNREADABLE as e:  # truncated or corrupt: --allow_pickle would not help
             raise ArtifactError(unreadable_message(states, e)) from None
         except pickle.UnpicklingError as e:  # weights_only refused a pickled object: reported with the way out
             if not allow_pickle:
                 raise ArtifactError(f"{states}: cannot be read with torch.load(weights_only=True) "
-                                    f"({type(e).__name__}); pass --allow-pickle if you trust this checkpoint") from None
+                                    f"({type(e).__name__}); pass --allow_pickle if you trust this checkpoint") from None
             sd = torch.load(states, map_location="cpu", weights_only=False)
         module = sd.get("module") if isinstance(sd, dict) else None
         if not module:
@@ -67,7 +67,7 @@ def engine_weights(states: Path, *, allow_pickle: bool = False) -> dict[str, tor
         return dict(module)
     if not allow_pickle:
         raise ArtifactError(f"{states.parent}: a ZeRO-3 checkpoint; consolidating it runs DeepSpeed's zero_to_fp32, "
-                            "which unpickles the optimizer files (torch.load(weights_only=False)): pass --allow-pickle "
+                            "which unpickles the optimizer files (torch.load(weights_only=False)): pass --allow_pickle "
                             "if you trust this checkpoint")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -134,8 +134,8 @@ def _text_tokenizer(cfg, meta: dict, ckpt: Path, override: str | os.PathLike | N
     from llm.text_tokenizer import load_text_tokenizer
 
     if override:
-        return load_text_tokenizer(override, "--text-tokenizer", cfg.llm.trust_remote_code)[0]
-    hint = " (or pass --text-tokenizer)"
+        return load_text_tokenizer(override, "--text_tokenizer", cfg.llm.trust_remote_code)[0]
+    hint = " (or pass --text_tokenizer)"
     if meta.get("init_from"):
         return load_text_tokenizer(Path(meta["init_from"]) / "text_tokenizer", f"{ckpt}: init_from's text tokenizer"
                                    + hint, cfg.llm.trust_remote_code)[0]
@@ -148,12 +148,11 @@ def _text_tokenizer(cfg, meta: dict, ckpt: Path, override: str | os.PathLike | N
 
 
 def _tokenizer(cfg, meta: dict, ckpt: Path, override: str | os.PathLike | None):
-    """The stage-1 tokenizer export as an ``llm.pipeline.ResolvedTokenizer`` (hashed once): the override, stage
+    """The stage-1 tokenizer export as an ``unimllm.stages.pipeline.ResolvedTokenizer`` (hashed once): the override, stage
     3's configured one or the one its ``init_from`` export references (sha256-checked against that record), else
     the model config's ``tokenizer``."""
-    from data.precompute_codes import tokenizer_fingerprint
-    from llm.pipeline import ResolvedTokenizer, resolve_tokenizer
     from tokenizer.model import is_tokenizer_dir
+    from unimllm.stages.artifacts import ResolvedTokenizer, resolve_tokenizer, tokenizer_fingerprint
 
     if override:
         tdir, where = Path(override), "--tokenizer"
@@ -172,13 +171,13 @@ def _tokenizer(cfg, meta: dict, ckpt: Path, override: str | os.PathLike | None):
 
 def _with_lora(llm, meta: dict, ckpt: Path):
     """The LLM wrapped in the peft LoRA adapters stage 3 trained (``tune.lora`` of its config), to load them."""
-    from peft import LoraConfig, get_peft_model
+    from llm.lora import LoraConfig, add_lora
+    from unimllm.config import from_dict
 
     lc = ((meta.get("config") or {}).get("tune") or {}).get("lora")
     if not lc:
         raise ArtifactError(f"{ckpt}: the weights hold LoRA adapters but meta.json's config has no tune.lora")
-    return get_peft_model(llm, LoraConfig(r=lc["rank"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                                          bias="none", target_modules=list(lc["target_modules"])))
+    return add_lora(llm, from_dict(LoraConfig, lc, source=f"{ckpt}/meta.json tune.lora"), field="tune.lora")
 
 
 def _llm_skeleton(cfg, vocab: int, ckpt: Path):
@@ -236,7 +235,7 @@ def build_unified(meta: dict, state: dict[str, torch.Tensor], ckpt: Path, *, tok
         got = text_tok.convert_tokens_to_ids(token)
         if got != dims.token_ids[key]:
             raise ArtifactError(f"{ckpt}: the text tokenizer's {token} id {got} is not the checkpoint's "
-                                f"{dims.token_ids[key]}: another text tokenizer (--text-tokenizer)")
+                                f"{dims.token_ids[key]}: another text tokenizer (--text_tokenizer)")
     lora = any(".lora_" in k for k in state)
     llm = _llm_skeleton(cfg, len(text_tok), ckpt)
     emb = llm.get_input_embeddings().weight
@@ -260,31 +259,22 @@ def build_unified(meta: dict, state: dict[str, torch.Tensor], ckpt: Path, *, tok
 def export_checkpoint(ckpt: Path, out: Path, *, tokenizer_dir=None, text_tokenizer_dir=None,
                       allow_pickle: bool = False, overwrite: bool = False) -> tuple[str, Path]:
     """Write the standalone export of the training checkpoint ``ckpt`` to ``out`` (atomically: a sibling
-    ``.tmp`` directory renamed at the end). Returns (kind, out)."""
+    temporary directory renamed at the end, :func:`unimllm.files.atomic_path`). Returns (kind, out)."""
     meta = read_checkpoint_meta(ckpt)
     kind = checkpoint_kind(ckpt, meta)
     occupied = any(out.iterdir()) if out.is_dir() else out.exists()
     if occupied and not overwrite:
         raise ArtifactError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     state = engine_weights(engine_states_file(ckpt, kind), allow_pickle=allow_pickle)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if out.exists() and not out.is_dir():
+        out.unlink()  # --overwrite of a file
+    with atomic_path(out) as tmp:
         if kind == TOKENIZER:
             build_tokenizer(meta, state, ckpt).save_pretrained(tmp)
         else:
             assert kind == UNIFIED
             model, text_tok, tok = build_unified(meta, state, ckpt, tokenizer_dir=tokenizer_dir,
                                                  text_tokenizer_dir=text_tokenizer_dir)
-            ref = {"path": str(tok.path.resolve()), "sha256": tok.sha256}  # as llm.pipeline.tokenizer_reference
+            ref = {"path": str(tok.path.resolve()), "sha256": tok.sha256}  # as artifacts.tokenizer_reference
             model.save_pretrained(tmp, tokenizer_ref=ref, text_tokenizer=text_tok)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
     return kind, out

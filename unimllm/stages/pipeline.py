@@ -11,7 +11,6 @@ by the pipeline, the evaluation runner and the ``unimllm`` CLI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,50 +18,13 @@ import numpy as np
 import torch
 
 from data.config import ImageConfig
-from data.precompute_codes import tokenizer_fingerprint
 from data.transforms import ImageTransform, denormalize, normalize
 from llm.config import SamplerConfig
 from llm.conversation import ConversationEncoder
 from llm.model import TEXT_TOKENIZER_DIR, UnifiedModel, read_meta
 from llm.sampling import sample_codes
 from llm.text_tokenizer import load_text_tokenizer
-
-
-def tokenizer_reference(tokenizer_dir: str | Path) -> dict:
-    return {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir)}
-
-
-@dataclass(frozen=True)
-class ResolvedTokenizer:
-    """The EvoTok tokenizer of a unified export, checked against the export's reference (see resolve_tokenizer)."""
-
-    path: Path
-    """Its directory (``config.json`` + ``model.safetensors``)."""
-    sha256: str
-    """sha256 of its ``model.safetensors`` tensors (tokenizer_fingerprint), equal to the one the export records."""
-
-
-def resolve_tokenizer(export_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
-                      field: str = "tokenizer_dir") -> ResolvedTokenizer:
-    """The tokenizer the unified export ``export_dir`` was trained with: ``tokenizer_dir`` when given (the
-    export's reference moved), else the path the export references. Refused unless it is an EvoTok export
-    whose ``model.safetensors`` has the recorded sha256 (hashed once, here). Errors name ``field`` (the
-    argument or config key that overrides the tokenizer)."""
-    from tokenizer.model import is_tokenizer_dir
-
-    src = Path(export_dir)
-    ref = read_meta(src)["tokenizer"]  # FileNotFoundError / ValueError when src is not a unified export
-    tdir = Path(tokenizer_dir or ref["path"])
-    if not is_tokenizer_dir(tdir):
-        if tokenizer_dir:
-            raise FileNotFoundError(f"{field}: {tdir} is not an EvoTok export (config.json + model.safetensors)")
-        raise FileNotFoundError(f"{src}: its tokenizer {tdir} is missing or not an EvoTok export (config.json + "
-                                f"model.safetensors); pass {field} if it moved")
-    sha = tokenizer_fingerprint(tdir)
-    if sha != ref["sha256"]:
-        raise ValueError(f"{field}: {tdir} is not the tokenizer {src} was trained with "
-                         f"(sha256 {sha[:12]}... != {ref['sha256'][:12]}...)")
-    return ResolvedTokenizer(tdir, sha)
+from unimllm.stages.artifacts import ResolvedTokenizer, resolve_tokenizer
 
 
 class UnifiedPipeline:

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data.shapes import PALETTE, POSITION_THRESHOLD, SHAPES, coverage, relative_position
+from data.shapes_config import PALETTE, POSITION_THRESHOLD, SHAPES
+from data.shapes_geometry import coverage, relative_position
 from unimllm.config import ConfigError
 
 COLORS = tuple(PALETTE)  # GenEval's colour order
@@ -43,7 +44,7 @@ class ScorerConfig:
     """Detector knobs; sizes are fractions of the image so one config serves 64 px and 256 px."""
 
     colors: tuple[str, ...] = COLORS
-    "Colours the detector can assign (GenEval's ten by default; RGB from data.shapes.PALETTE)."
+    "Colours the detector can assign (GenEval's ten by default; RGB from data.shapes_config.PALETTE)."
     shapes: tuple[str, ...] = SHAPES
     "Shape classes the detector fits."
     alpha_threshold: float = 0.5

@@ -2,7 +2,7 @@
 
 Stage 2 then reads each sample's codes (H, W, L_sem) instead of running the tokenizer encoder every step::
 
-    python -m data.precompute_codes --tokenizer runs/stage1/tiny/export/tokenizer \\
+    python -m unimllm.stages.precompute_codes --tokenizer runs/stage1/tiny/export/tokenizer \\
         --shards 'runs/shapes/demo/train/shapes-train-{000000..000003}.tar' --out runs/shapes/demo/train-codes
 
 Each input shard gives one output shard of the same file name in ``--out``, written atomically (``.tmp``
@@ -23,8 +23,6 @@ if __name__ == "__main__":  # run as a command: set the OpenMP wait policy befor
 
     cpu_thread_defaults()
 
-import argparse
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data.config import DataConfig, ImageConfig
 from data.loader import ImageTextDecoder, SampleContext, expand_shards
@@ -46,6 +43,10 @@ from data.schema import BAD_KEY, CODES_EXT, KEY_RE, SampleError, encode_codes
 from data.shard_writer import ShardWriter
 from data.tar_index import ShardError, index_shard, read_sample
 from data.transforms import normalize
+from unimllm.command_line import FlagParser
+from unimllm.files import atomic_write_json
+from unimllm.logging import progress_bar
+from unimllm.stages.artifacts import tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from tokenizer.model import EvoTokenizer
@@ -65,35 +66,6 @@ class PrecomputeError(ValueError):
         super().__init__(f"{arg}: {message}")
 
 
-def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
-    """sha256 (hex) of the tensors of the tokenizer's ``model.safetensors``: every tensor's name, dtype, shape and
-    bytes, in name order. It identifies the weights that made the codes: equal weights give equal fingerprints
-    whatever the file's header layout (safetensors writes its metadata keys in a per-process order, so the
-    file's own bytes differ between two exports of the same weights)."""
-    path = Path(tokenizer_dir) / "model.safetensors"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise PrecomputeError("tokenizer", f"{path}: not a safetensors file ({e})") from None
-        start = 8 + n
-        for name in sorted(k for k in header if k != "__metadata__"):
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            h.update(json.dumps([name, entry["dtype"], entry["shape"], end - begin]).encode())
-            f.seek(start + begin)
-            left = end - begin
-            while left > 0:
-                chunk = f.read(min(left, 1 << 24))
-                if not chunk:
-                    raise PrecomputeError("tokenizer", f"{path}: truncated (tensor {name})")
-                h.update(chunk)
-                left -= len(chunk)
-    return h.hexdigest()
-
-
 def read_codes_manifest(shard_path: str | os.PathLike) -> dict | None:
     """The ``codes_manifest.json`` in the shard's folder, or None if there is none."""
     path = Path(shard_path).parent / MANIFEST_NAME
@@ -104,7 +76,7 @@ def codes_mismatch(shard_path: str | os.PathLike, fingerprint: str) -> str | Non
     """Why the shard's precomputed codes may not be from the tokenizer with ``fingerprint``; None if they are."""
     manifest = read_codes_manifest(shard_path)
     if manifest is None:
-        return f"{shard_path}: no {MANIFEST_NAME} in its folder (not written by data.precompute_codes)"
+        return f"{shard_path}: no {MANIFEST_NAME} in its folder (not written by unimllm.stages.precompute_codes)"
     entry = manifest.get("shards", {}).get(Path(shard_path).name)
     if entry is None:
         return f"{shard_path}: not listed in {MANIFEST_NAME} (unfinished or stale)"
@@ -112,6 +84,20 @@ def codes_mismatch(shard_path: str | os.PathLike, fingerprint: str) -> str | Non
         return (f"{shard_path}: codes come from tokenizer {entry.get('tokenizer_sha256', '?')[:12]}, "
                 f"not {fingerprint[:12]} ({manifest.get('tokenizer')})")
     return None
+
+
+def codes_match_tokenizer(shards: list[str], tokenizer_dir: str) -> bool | None:
+    """True when every shard's codes came from this tokenizer, False (with the reason raised) when some did
+    not, None when no shard has a codes manifest."""
+    if all(read_codes_manifest(s) is None for s in shards):
+        return None
+    fp = tokenizer_fingerprint(tokenizer_dir)
+    for s in shards:
+        reason = codes_mismatch(s, fp)
+        if reason:
+            raise ValueError(f"data.sources: {s}: precomputed codes do not fit model.tokenizer {tokenizer_dir}: "
+                             f"{reason}; re-run python -m unimllm.stages.precompute_codes")
+    return True
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -122,12 +108,6 @@ def codes_dtype(codebook_size: int) -> np.dtype:
 def _shard_writer(path: Path) -> ShardWriter:
     """A ShardWriter for exactly one file named ``path`` ('%.0s' formats the index as nothing)."""
     return ShardWriter(str(path).replace("%", "%%") + "%.0s", max_samples=1 << 62)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_inputs(tokenizer_dir: Path, paths: list[str], out_dir: Path) -> None:
@@ -233,14 +213,18 @@ def precompute(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], ou
     paths = expand_shards(shards) if isinstance(shards, str) else [str(p) for p in shards]
     _check_inputs(tok_dir, paths, out)
     if batch_size < 1 or workers < 0 or dtype not in DTYPES:
-        raise PrecomputeError("--batch-size", f"need --batch-size >= 1, --workers >= 0, --dtype in {tuple(DTYPES)}")
+        raise PrecomputeError("--batch_size", f"need --batch_size >= 1, --workers >= 0, --dtype in {tuple(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise PrecomputeError("--device", f"{device} requested but CUDA is not available")
     from tokenizer.model import EvoTokenizer  # here, not at import: manifest readers need no transformers
 
-    fingerprint, dtype_name = tokenizer_fingerprint(tok_dir), str(DTYPES[dtype]).removeprefix("torch.")
+    try:
+        fingerprint = tokenizer_fingerprint(tok_dir)
+    except ValueError as e:
+        raise PrecomputeError("tokenizer", str(e)) from None
+    dtype_name = str(DTYPES[dtype]).removeprefix("torch.")
     tok = EvoTokenizer.from_pretrained(tok_dir, with_teacher=False, device=device)
     tok = tok.to(DTYPES[dtype]).eval().requires_grad_(False)  # the quantiser's codebooks stay float32
     enc = _Encoder(tok, torch.device(device), DTYPES[dtype])
@@ -278,11 +262,11 @@ def precompute(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], ou
                        images_per_s=summary["samples"] / max(now - t_loaded, 1e-9))
         manifest.update(samples=sum(e["samples"] for e in entries.values()), skip_counts=dict(sorted(totals.items())),
                         **{k: round(summary[k], 3) for k in ("seconds", "load_seconds", "images_per_s")})
-        _write_json(out / MANIFEST_NAME, manifest)
+        atomic_write_json(out / MANIFEST_NAME, manifest)
 
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
-        for src in tqdm(paths, disable=not progress, file=sys.stderr, unit="shard", desc="precompute_codes"):
+        for src in progress_bar(paths, enabled=progress, unit="shard", desc="precompute_codes"):
             name, dst = Path(src).name, out / Path(src).name
             if not overwrite and name in entries and dst.exists():
                 summary["resumed"].append(str(dst))
@@ -317,17 +301,16 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.precompute_codes", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="python -m unimllm.stages.precompute_codes", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="EvoTokenizer.save_pretrained directory")
     p.add_argument("--shards", required=True, help="brace pattern(s) joined by '::', as the loader accepts")
     p.add_argument("--out", required=True, help="output folder (shards keep their input file names)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer.encode call")
+    p.add_argument("--batch_size", type=int, default=64, help="images per tokenizer.encode call")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="encoder compute dtype; auto = float32 (bf16/fp16 change some codes)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding threads (0: decode in the main thread)")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
@@ -335,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         summary = precompute(args.tokenizer, args.shards, args.out, args.batch_size, args.device, args.overwrite,
-                             dtype=args.dtype, workers=args.workers, progress=not args.no_progress)
+                             dtype=args.dtype, workers=args.workers, progress=True)
     except PrecomputeError as e:
         print(f"precompute_codes: error: {e}", file=sys.stderr)
         return 2
