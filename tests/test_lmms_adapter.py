@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from test_llm_model import batch, build, evo, text_tok  # noqa: F401  (module fixtures)
 
-from unimllm.stages import lmms_adapter
 from llm.conversation import to_messages
+from unimllm.stages import lmms_adapter
 from unimllm.stages.artifacts import tokenizer_reference
 from unimllm.stages.lmms_adapter import UnimllmModel, stop_settings, truncate
 from unimllm.stages.pipeline import UnifiedPipeline
