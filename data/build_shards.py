@@ -8,6 +8,8 @@ Input kinds (detected from the path, or ``--kind``; read by :mod:`data.sources`,
   one gets ``{"task": "reconstruct"}``.
 - ``jsonl``: one ``{"image": path, "caption": str, ...}`` per line (other fields are kept in ``json``).
 - ``llava``: a JSON list of ``{"id", "image", "conversations"}`` with ``<image>`` exactly once.
+- ``hf_dataset`` (``save_to_disk``), ``parquet`` (parquet / arrow files), ``wds`` (img2dataset tars): the formats
+  datasets ship in; columns named by ``--image_column`` / ``--caption_column`` / ``--conversations_column``.
 
 Bad input is skipped and reported per reason with its identity; every written sample has passed
 :func:`data.schema.check_sample`. Workers read/decode/resize/encode, the main process writes in input
@@ -41,10 +43,14 @@ from data.schema import IMAGE_EXTS
 from data.shard_writer import ShardWriter
 from data.sources import (
     FOLDER,
+    HF_DATASET,
+    JSONL,
     KINDS,
+    LLAVA,
     UNEXPECTED,
     WORKER_CRASHED,
     BuildError,
+    Columns,
     Item,
     detect_kind,
     read_items,
@@ -250,6 +256,7 @@ def build(
     workers: int = 1,
     summary_path: str | os.PathLike | None = None,
     progress: bool = False,
+    columns: Columns | None = None,
 ) -> BuildSummary:
     """Write the valid samples of ``input`` to shards ``out % i``; raise :class:`BuildError` on bad arguments."""
     t0 = time.monotonic()
@@ -259,10 +266,11 @@ def build(
     kind = kind or detect_kind(src)
     if kind not in KINDS:
         raise BuildError(f"unknown input kind {kind!r}; choose from {KINDS}")
-    if (kind == FOLDER) != src.is_dir():
-        raise BuildError(f"input kind {kind!r} needs a {'folder' if kind == FOLDER else 'file'}, got {src}")
+    needs = {FOLDER: "folder", HF_DATASET: "folder", JSONL: "file", LLAVA: "file"}.get(kind)
+    if needs is not None and (needs == "folder") != src.is_dir():
+        raise BuildError(f"input kind {kind!r} needs a {needs}, got {src}")
     root = Path(image_root) if image_root is not None else src.parent
-    if kind != FOLDER and not root.is_dir():
+    if kind in (JSONL, LLAVA) and not root.is_dir():
         raise BuildError(f"image root {root} is not a folder")
     check_pattern(pattern)
     if shard_samples < 0 or shard_bytes < 0 or (shard_samples == 0 and shard_bytes == 0):
@@ -273,7 +281,7 @@ def build(
         raise BuildError(f"unknown --format {fmt!r}; choose from {FORMATS}")
     summary_file = Path(summary_path) if summary_path else Path(pattern).parent / "build_summary.json"
 
-    items, total, ignored = read_items(src, kind, root)
+    items, total, ignored = read_items(src, kind, root, columns or Columns())
     summary = BuildSummary(str(src), kind, pattern, ignored=ignored, summary_path=str(summary_file))
     failed_file = summary_file.with_name(summary_file.stem + ".failed" + summary_file.suffix)
 
@@ -319,9 +327,14 @@ def build(
 
 def main(argv: list[str] | None = None) -> int:
     p = FlagParser(prog="python -m data.build_shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("input", help="image folder, JSONL file or LLaVA JSON file")
+    p.add_argument("input", help="image folder, JSONL file, LLaVA JSON file, save_to_disk dataset folder, parquet/arrow "
+                   "file(s), or img2dataset tar(s) (a file, brace pattern or folder)")
     p.add_argument("--out", required=True, help="printf shard pattern, e.g. out/train-%%06d.tar")
-    p.add_argument("--kind", choices=KINDS, help="input kind (default: folder / .jsonl / .json)")
+    p.add_argument("--kind", choices=KINDS, help="input kind (default: from the path, data.sources.detect_kind)")
+    p.add_argument("--image_column", default="image", help="hf_dataset/parquet: image bytes, Image feature or path")
+    p.add_argument("--caption_column", default="caption", help="hf_dataset/parquet/wds json: the caption")
+    p.add_argument("--conversations_column", default="conversations", help="LLaVA-style turns (instead of a caption)")
+    p.add_argument("--split", default="train", help="hf_dataset: the split of a saved DatasetDict")
     p.add_argument("--image_root", help="folder that relative image paths are resolved against "
                    "(default: the JSON/JSONL file's folder)")
     p.add_argument("--shard_samples", type=int, help="samples per shard (default 1000 unless --shard_bytes)")
@@ -341,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input, args.out, kind=args.kind, image_root=args.image_root, shard_samples=shard_samples,
             shard_bytes=args.shard_bytes, max_side=args.max_side, fmt=args.format, quality=args.quality,
             workers=args.workers, summary_path=args.summary, progress=True,
+            columns=Columns(args.image_column, args.caption_column, args.conversations_column, args.split),
         )
     except EmptyBuildError as e:
         print(e.summary.format())

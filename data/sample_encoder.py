@@ -55,7 +55,7 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None,
         meta = {"caption": caption}
     assert item.image is not None and meta is not None
     try:
-        data = Path(item.image).read_bytes()
+        data = item.image_bytes if item.image_bytes is not None else Path(item.image).read_bytes()
     except FileNotFoundError:
         return None, (MISSING_FILE, "no such file")
     except OSError as e:

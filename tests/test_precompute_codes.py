@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +187,73 @@ def test_cli_errors_name_the_argument(tok_dir: Path, shards: Path, tmp_path: Pat
     not_tar.write_bytes(b"x" * 2048)
     assert main(["--tokenizer", str(tok_dir), "--shards", str(not_tar), "--out", str(tmp_path / "o2"), "--no_progress"]) == 2
     assert "not a tar file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- ranks, kill and resume
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("three")
+    for i, (first, n) in enumerate([(0, 6), (6, 5), (11, 4)]):
+        _write_shard(d / f"part-{i:03d}.tar", first, n, bad={3: "image"} if i == 0 else None)
+    return d
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def one_rank(tok_dir: Path, three_shards: Path, tmp_path_factory) -> dict[str, bytes]:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("one") / "out"
+    s = precompute(tok_dir, str(three_shards / "part-{000..002}.tar"), out, batch_size=4)
+    assert s["merged"] and s["samples"] == 14 and s["skip_counts"] == {"bad_image": 1}
+    return _files(out)
+
+
+def test_two_ranks_write_the_same_bytes_as_one(tok_dir: Path, three_shards: Path, one_rank, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    pattern = str(three_shards / "part-{000..002}.tar")
+    r1 = precompute(tok_dir, pattern, out, batch_size=4, rank=1, world_size=2)
+    assert not r1["merged"] and not (out / MANIFEST_NAME).exists()  # rank 0 has not finished
+    assert [Path(p).name for p in r1["written"]] == ["part-001.tar"]
+    r0 = precompute(tok_dir, pattern, out, batch_size=4, rank=0, world_size=2)
+    assert r0["merged"] and [Path(p).name for p in r0["written"]] == ["part-000.tar", "part-002.tar"]
+    assert _files(out) == one_rank  # the shards and codes_manifest.json, byte for byte; no partial left
+    with pytest.raises(Exception, match="rank 2 is not in"):
+        precompute(tok_dir, pattern, out, rank=2, world_size=2)
+
+
+def test_rank_and_world_come_from_the_launcher_environment(monkeypatch) -> None:
+    from unimllm.stages.precompute_codes import rank_world
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_world() == (3, 4) and rank_world(0, 1) == (0, 1)
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(tok_dir: Path, three_shards: Path, one_rank,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "unimllm.stages.precompute_codes", "--tokenizer", str(tok_dir), "--shards",
+           str(three_shards / "part-{000..002}.tar"), "--out", str(out), "--batch_size", "4", "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = out / "codes_manifest.rank00000-of-00001.json"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and json.loads(partial.read_text())["shards"]) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the first shard never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # inside the second shard (or just after the first)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / MANIFEST_NAME).exists()  # only the merge at the end writes it
+    done = set(json.loads(partial.read_text())["shards"])
+    assert done and done < {"part-000.tar", "part-001.tar", "part-002.tar"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{len(done)} shards already done (resumed)" in res.stdout
+    assert _files(out) == one_rank

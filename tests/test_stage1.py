@@ -11,6 +11,7 @@ import torch
 from conftest import deepspeed_launch
 
 from data.shapes_cli import DatasetConfig, write_dataset
+from data.tar_index import iter_shard
 from tokenizer.model import EvoTokenizer
 from unimllm.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -117,3 +118,50 @@ def test_stage1_deepspeed_two_ranks_zero3_trains_validates_resumes_and_exports(s
     model = EvoTokenizer.from_pretrained(tmp_path / "full" / "export" / "tokenizer", with_teacher=False)
     assert all(p.numel() > 0 for p in model.parameters())  # gathered, not a rank's empty partition
     assert model.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8, 4)
+
+
+def torchrun_two_nodes(script: Path, argv: list[str], port: int, timeout: int = 600) -> None:
+    """Stage 1 as two one-process "nodes" on localhost: two ``torchrun --nnodes 2 --nproc-per-node 1`` agents
+    meeting through a c10d rendezvous, as two machines would (each process: LOCAL_RANK 0, RANK 0 or 1)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"two-nodes-{port}",
+               "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}", "--max-restarts", "0",
+               str(script), *argv]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(o[-3000:] for o in outs)
+
+
+def keys_by_step(out: Path, rank: int) -> list[list[str]]:
+    lines = (out / "keys" / f"rank_{rank:05d}.txt").read_text().splitlines()
+    return [line.split()[1:] for line in lines]
+
+
+@pytest.mark.slow
+def test_stage1_on_two_simulated_nodes_covers_an_epoch_once_and_resumes_exactly(shapes, tmp_path):
+    """48 training samples, 2 ranks x 4 per step: 6 steps are one epoch. Every sample is read exactly once by one
+    of the two nodes; a run stopped at step 3 and restarted continues with the same samples and losses."""
+    script = ROOT / "launch/stage1.py"
+    extra = ("--train.record_keys", "true", "--train.save_every", "3", "--data.num_workers", "0")
+    torchrun_two_nodes(script, args(shapes, tmp_path / "full", 6, *extra), 29631)
+    per_rank = [keys_by_step(tmp_path / "full", r) for r in (0, 1)]
+    assert [len(k) for k in per_rank] == [6, 6] and all(len(b) == 4 for k in per_rank for b in k)
+    seen = [key for k in per_rank for b in k for key in b]
+    train = [s["__key__"] for p in sorted((shapes / "train").glob("*.tar")) for s in iter_shard(p)]
+    assert sorted(seen) == sorted(train) and len(train) == 48  # the epoch, each sample once, split over nodes
+    ckpt = latest_checkpoint(tmp_path / "full" / "checkpoints")
+    assert {p.name for p in ckpt.iterdir()} >= {"rank_00000.pt", "rank_00001.pt"}
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+
+    torchrun_two_nodes(script, args(shapes, tmp_path / "part", 3, *extra), 29632)
+    torchrun_two_nodes(script, args(shapes, tmp_path / "part", 6, *extra), 29633)
+    assert [keys_by_step(tmp_path / "part", r) for r in (0, 1)] == per_rank  # the same samples, step by step
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")

@@ -117,6 +117,9 @@ class TrainConfig:
     """Max global gradient norm (0 = off)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
+    record_keys: bool = False
+    """Append every micro-batch's sample keys to ``<run>/keys/rank_XXXXX.txt`` (one line per micro-batch:
+    step, then the keys): what each rank read, for checking epoch coverage and resume across nodes."""
     zero3_persist_below: int = -1
     """ZeRO-3 only: parameters with fewer elements than this are kept whole on every rank instead of
     partitioned (DeepSpeed's stage3_param_persistence_threshold); -1 = DeepSpeed's default (100k); 0 partitions
@@ -393,6 +396,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t_data += time.perf_counter() - t0
+                if cfg.record_keys:
+                    self._record_keys(batch)
                 values = task.micro_step(self.engines, batch, self.step)
                 nonfinite += _any_nonfinite(values)
                 for k, v in values.items():
@@ -422,6 +427,13 @@ class Trainer:
         self.save()
         task.export(self.engines, self.out / "export")  # collective (ZeRO-3 gathers); writes on rank 0
         return final
+
+    def _record_keys(self, batch: Any) -> None:
+        keys = batch.get("__key__", []) if isinstance(batch, dict) else []
+        path = self.out / "keys" / f"rank_{self.dist.rank:05d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(" ".join([str(self.step + 1), *map(str, keys)]) + "\n")
 
     def _log_window(self, sums, seen, counts, n, t_data, flops, dt, lr_factor) -> dict[str, float]:
         local = {f"train/{k}": v for k, v in sums.items()}

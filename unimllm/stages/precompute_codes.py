@@ -46,6 +46,7 @@ from data.transforms import normalize
 from unimllm.command_line import FlagParser
 from unimllm.files import atomic_write_json
 from unimllm.logging import progress_bar
+from unimllm.precision import resolve_eval_precision
 from unimllm.stages.artifacts import tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "codes_manifest.json"
-MANIFEST_VERSION = 2  # 2: tokenizer_sha256 is the tensors' fingerprint (1: the file's bytes)
+PARTIAL_PREFIX = "codes_manifest.rank"  # + 00000-of-00002.json: one rank's finished shards until the merge
+MANIFEST_VERSION = 3  # 3: no timings (the same file for any number of ranks); 2: tensors' fingerprint
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -199,25 +201,77 @@ def _process_shard(src: str, dst: Path, enc: _Encoder, batch_size: int, pool: Th
             "skip_examples": shard_examples, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """This process's share of the shards: the arguments, else ``RANK`` / ``WORLD_SIZE`` (torchrun, DeepSpeed's
+    launcher), else 0 / 1."""
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = rank if rank is not None else int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise PrecomputeError("--rank", f"rank {rank} is not in [0, {world}) (--world_size {world})")
+    return rank, world
+
+
+def _partial_name(rank: int, world: int) -> str:
+    return f"{PARTIAL_PREFIX}{rank:05d}-of-{world:05d}.json"
+
+
+def _merge(out: Path, world: int, keep: dict[str, dict], header: dict) -> bool:
+    """Write ``codes_manifest.json`` once every rank's partial manifest of this world is done: ``keep`` (entries of
+    the same tokenizer from earlier runs) updated with every rank's shards, in name order, no timings, so the file
+    is the same whatever the number of ranks. Returns whether it was written (the last rank to finish writes it;
+    two ranks finishing together write the same bytes)."""
+    parts = [out / _partial_name(r, world) for r in range(world)]
+    loaded = []
+    for part in parts:
+        try:
+            loaded.append(json.loads(part.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return False  # a rank still working (or killed: its re-run finishes the merge)
+    if not all(m.get("done") for m in loaded):
+        return False
+    shards = dict(keep)
+    for m in loaded:
+        shards.update(m["shards"])
+    shards = dict(sorted(shards.items()))
+    totals: Counter = Counter()
+    for e in shards.values():
+        totals.update(e["skipped"])
+    atomic_write_json(out / MANIFEST_NAME, {**header, "samples": sum(e["samples"] for e in shards.values()),
+                                            "skip_counts": dict(sorted(totals.items())), "shards": shards})
+    for part in out.glob(PARTIAL_PREFIX + "*.json"):  # this world's, and a killed run's of another world
+        part.unlink(missing_ok=True)
+    return True
+
+
 def precompute(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], out_dir: str | os.PathLike,
                batch_size: int = 64, device: str = "cpu", overwrite: bool = False, *, dtype: str = "auto",
-               workers: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Write ``out_dir/<shard name>`` with codes for every shard in ``shards`` (a loader pattern or a list).
+               workers: int = 0, progress: bool = False, rank: int | None = None,
+               world_size: int | None = None) -> dict[str, Any]:
+    """Write ``out_dir/<shard name>`` with codes for this rank's shards of ``shards`` (a loader pattern or a list).
 
-    Returns this run's summary: samples, skip counts and first examples, written and resumed shards,
-    seconds (total), load_seconds (tokenizer), images/s (after loading), manifest path.
-    Raises :class:`PrecomputeError` on unusable arguments or an unreadable shard.
+    Rank ``r`` of ``world_size`` (:func:`rank_world`) encodes shards ``r, r + world_size, ...``; each shard's
+    output depends on that shard alone, so the files are the same for any number of ranks. A rank records the
+    shards it finished in its partial manifest after every shard (a killed rank's re-run skips them); the last
+    rank to finish merges the partials into ``codes_manifest.json``. Returns this rank's summary: samples, skip
+    counts and first examples, written and resumed shards, seconds (total), load_seconds (tokenizer), images/s
+    (after loading), the manifest path and whether this rank wrote it. Raises :class:`PrecomputeError` on
+    unusable arguments or an unreadable shard.
     """
     t0 = time.perf_counter()
     tok_dir, out = Path(tokenizer_dir), Path(out_dir)
     paths = expand_shards(shards) if isinstance(shards, str) else [str(p) for p in shards]
     _check_inputs(tok_dir, paths, out)
+    rank, world = rank_world(rank, world_size)
     if batch_size < 1 or workers < 0 or dtype not in DTYPES:
         raise PrecomputeError("--batch_size", f"need --batch_size >= 1, --workers >= 0, --dtype in {tuple(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise PrecomputeError("--device", f"{device} requested but CUDA is not available")
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per rank on a node
+    if dtype == "auto":  # the project's rule for inference: bf16 on a CUDA device that has it, else float32
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}[resolve_eval_precision("auto", device)[0]]
     from tokenizer.model import EvoTokenizer  # here, not at import: manifest readers need no transformers
 
     try:
@@ -230,61 +284,63 @@ def precompute(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], ou
     enc = _Encoder(tok, torch.device(device), DTYPES[dtype])
     t_loaded = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        old = read_codes_manifest(out / MANIFEST_NAME) or {}
-    except ValueError as e:
-        log.warning("precompute_codes: unreadable %s (%s): every shard is redone", out / MANIFEST_NAME, e)
-        old = {}
-    entries = {}  # shard name -> entry; only entries made by this tokenizer and dtype are kept
-    for name, e in old.get("shards", {}).items():
-        if e.get("tokenizer_sha256") == fingerprint and e.get("dtype") == dtype_name:
-            entries[name] = e
-        elif (out / name).exists():
-            log.warning("precompute_codes: %s was made by another tokenizer or dtype: redone if in --shards, "
-                        "else now unlisted (stale)", out / name)
+    done: dict[str, dict] = {}  # shard name -> entry, made by this tokenizer and dtype (merged or partial)
+    for path in [out / MANIFEST_NAME, *sorted(out.glob(PARTIAL_PREFIX + "*.json"))]:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except ValueError as e:
+            log.warning("precompute_codes: unreadable %s (%s): its shards are redone", path, e)
+            old = {}
+        for name, e in old.get("shards", {}).items():
+            if e.get("tokenizer_sha256") == fingerprint and e.get("dtype") == dtype_name:
+                done[name] = e
+            elif (out / name).exists() and name not in done:
+                log.warning("precompute_codes: %s was made by another tokenizer or dtype: redone if in --shards, "
+                            "else now unlisted (stale)", out / name)
     g = tok.encoder.grid_size
-    manifest = {
+    header = {
         "version": MANIFEST_VERSION, "tokenizer": str(tok_dir.resolve()), "tokenizer_sha256": fingerprint,
         "grid": [g, g], "depth": tok.cfg.quantizer.depth_sem, "codebook_size": tok.cfg.quantizer.codebook_size,
         "resolution": tok.cfg.encoder.image_size, "codes_dtype": str(enc.out_dtype), "dtype": dtype_name,
-        "device": device, "shards": entries,
+        "device": torch.device(device).type,
     }
+    mine = paths[rank::world]
+    names = {Path(p).name for p in mine}
+    keep = {n: e for n, e in done.items() if n not in names or (not overwrite and (out / n).exists())}
+    entries = {n: e for n, e in keep.items() if n in names}  # this rank's finished shards
+    partial = out / _partial_name(rank, world)
     summary: dict[str, Any] = {"samples": 0, "skip_counts": {}, "skip_examples": {}, "written": [], "resumed": [],
-                               "manifest": str(out / MANIFEST_NAME)}
+                               "manifest": str(out / MANIFEST_NAME), "rank": rank, "world_size": world}
     skips: Counter = Counter()
 
-    def save() -> None:  # after every shard: the manifest lists exactly the finished shards
-        totals: Counter = Counter()
-        for e in entries.values():
-            totals.update(e["skipped"])
-        now = time.perf_counter()
-        summary.update(seconds=now - t0, load_seconds=t_loaded - t0, skip_counts=dict(sorted(skips.items())),
-                       images_per_s=summary["samples"] / max(now - t_loaded, 1e-9))
-        manifest.update(samples=sum(e["samples"] for e in entries.values()), skip_counts=dict(sorted(totals.items())),
-                        **{k: round(summary[k], 3) for k in ("seconds", "load_seconds", "images_per_s")})
-        atomic_write_json(out / MANIFEST_NAME, manifest)
+    def save(finished: bool) -> None:  # after every shard: the partial lists exactly this rank's finished shards
+        atomic_write_json(partial, {**header, "done": finished, "shards": dict(sorted(entries.items()))})
 
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
-        for src in progress_bar(paths, enabled=progress, unit="shard", desc="precompute_codes"):
+        for src in progress_bar(mine, enabled=progress, unit="shard", desc="precompute_codes"):
             name, dst = Path(src).name, out / Path(src).name
-            if not overwrite and name in entries and dst.exists():
+            if name in entries:
                 summary["resumed"].append(str(dst))
                 continue
-            entries.pop(name, None)
             try:
                 entry = _process_shard(src, dst, enc, batch_size, pool, summary["skip_examples"])
             except ShardError as e:
                 raise PrecomputeError("--shards", str(e)) from None
+            entry.pop("seconds")  # timings go to the summary, never into the manifest
             entries[name] = {**entry, "tokenizer_sha256": fingerprint, "dtype": dtype_name}
             summary["samples"] += entry["samples"]
             skips.update(entry["skipped"])
             summary["written"] += [str(dst)] if entry["samples"] else []
-            save()
+            save(False)
     finally:
         if pool:
             pool.shutdown()
-    save()
+    save(True)
+    summary["merged"] = _merge(out, world, {n: e for n, e in keep.items() if n not in names}, header)
+    now = time.perf_counter()
+    summary.update(seconds=now - t0, load_seconds=t_loaded - t0, skip_counts=dict(sorted(skips.items())),
+                   images_per_s=summary["samples"] / max(now - t_loaded, 1e-9))
     return summary
 
 
@@ -296,7 +352,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"skipped {n_skipped}" + (":" if n_skipped else ""))
     for kind, n in s["skip_counts"].items():
         lines.append(f"  {kind}: {n}  e.g. {s['skip_examples'].get(kind, '')}")
-    lines.append(f"manifest: {s['manifest']}")
+    lines.append(f"manifest: {s['manifest']}" if s.get("merged", True) else
+                 f"rank {s['rank']} of {s['world_size']} done; the last rank to finish writes {s['manifest']}")
     return "\n".join(lines)
 
 
@@ -308,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=64, help="images per tokenizer.encode call")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
-                   help="encoder compute dtype; auto = float32 (bf16/fp16 change some codes)")
+                   help="encoder compute dtype; auto = bfloat16 on a CUDA device that has it, else float32")
+    p.add_argument("--rank", type=int, default=None, help="this process's share (default: $RANK, else 0)")
+    p.add_argument("--world_size", type=int, default=None, help="number of shares (default: $WORLD_SIZE, else 1)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding threads (0: decode in the main thread)")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     try:
@@ -318,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         summary = precompute(args.tokenizer, args.shards, args.out, args.batch_size, args.device, args.overwrite,
-                             dtype=args.dtype, workers=args.workers, progress=True)
+                             dtype=args.dtype, workers=args.workers, progress=True, rank=args.rank,
+                             world_size=args.world_size)
     except PrecomputeError as e:
         print(f"precompute_codes: error: {e}", file=sys.stderr)
         return 2
