@@ -61,6 +61,14 @@ def bound(files: list[Path], max_side: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
+def cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1500)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record = {"benchmark": "build_shards", "n": args.n, "side": args.side, "cores": cores,
-              "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+              "machine": cpu_name(), "python": sys.version.split()[0],
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

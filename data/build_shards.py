@@ -61,7 +61,8 @@ from unimllm.files import atomic_write_json
 from unimllm.logging import progress_bar
 
 FORMATS = ("keep", *IMAGE_EXTS)
-IN_FLIGHT_PER_WORKER = 16  # items submitted ahead of the writer, per worker (bounds memory)
+IN_FLIGHT_PER_WORKER = 64  # items submitted ahead of the writer, per worker (bounds memory)
+CHUNK = 16  # items per worker job
 _PATTERN_NAME = re.compile(r"([^%]*)%(0[1-9]\d*)?d([^%]*)")  # one %d or %0Nd in the file name
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?)?", re.IGNORECASE)
 
@@ -174,10 +175,15 @@ def _crashed(job: Future) -> bool:
     return job.cancelled() or isinstance(job.exception(), BrokenProcessPool)
 
 
-def _submit(pool: ProcessPoolExecutor, item: Item, opts: EncodeOptions) -> Future:
+def _work_many(items: list[Item], opts: EncodeOptions) -> list[tuple[dict[str, Any] | None, tuple[str, str] | None]]:
+    return [_work(item, opts) for item in items]
+
+
+def _submit(pool: ProcessPoolExecutor, items: list[Item], opts: EncodeOptions) -> Future:
+    """One job for a chunk of items (one inter-process round trip for all of them)."""
     try:
-        return pool.submit(_work, item, opts)
-    except BrokenProcessPool as e:  # a worker died since the last check: _recover re-runs this item
+        return pool.submit(_work_many, items, opts)
+    except BrokenProcessPool as e:  # a worker died since the last check: _recover re-runs these items
         job: Future = Future()
         job.set_exception(e)
         return job
@@ -185,7 +191,7 @@ def _submit(pool: ProcessPoolExecutor, item: Item, opts: EncodeOptions) -> Futur
 
 def _done(result: Any) -> Future:
     job: Future = Future()
-    job.set_result(result)
+    job.set_result([result])
     return job
 
 
@@ -194,23 +200,28 @@ def _recover(pool: ProcessPoolExecutor, pending: deque, opts: EncodeOptions, wor
     a fresh pool, so only an item that kills a worker on its own is blamed (``worker_crashed``)."""
     pool.shutdown(wait=True, cancel_futures=True)
     pool = _pool(workers)
-    for i, (item, job) in enumerate(pending):
-        if job is None or not _crashed(job):
+    for entry in pending:
+        item, job, _ = entry
+        if job is None or job is _UNSENT or not _crashed(job):
             continue
-        retry = _submit(pool, item, opts)
+        retry = _submit(pool, [item], opts)
         if _crashed(retry):
             pool.shutdown(wait=True, cancel_futures=True)
             pool = _pool(workers)
             retry = _done((None, (WORKER_CRASHED, "the worker process died on this item (killed, out of memory "
                                                   "or a crash in a decoder); it was retried alone and died again")))
-        pending[i] = (item, retry)
+        entry[1:] = [retry, 0]
     return pool
+
+
+_UNSENT = object()  # an item waiting for its chunk to fill
 
 
 def _outcomes(items: Iterator[Item], opts: EncodeOptions, workers: int) -> Iterator[tuple[Item, Any, Any]]:
     """``(item, sample, error)`` in input order, with a bounded number of items in flight.
 
-    ``workers > 1``: a ``spawn`` process pool; a dead worker is detected (never a hang), see :func:`_recover`.
+    ``workers > 1``: a ``spawn`` process pool fed chunks of :data:`CHUNK` items (per-item round trips cost more
+    than decoding a small image); a dead worker is detected (never a hang), see :func:`_recover`.
     ``workers == 1`` works in this process, so an item that kills the process ends the build.
     """
     if workers <= 1:
@@ -218,20 +229,36 @@ def _outcomes(items: Iterator[Item], opts: EncodeOptions, workers: int) -> Itera
             yield (item, None, item.error) if item.error else (item, *_work(item, opts))
         return
     pool = _pool(workers)
-    pending: deque = deque()
+    pending: deque = deque()  # [item, job (None: known bad, _UNSENT: not submitted yet), index in the job]
+    chunk: list[list] = []
+
+    def send() -> None:
+        if chunk:
+            job = _submit(pool, [e[0] for e in chunk], opts)
+            for j, e in enumerate(chunk):
+                e[1:] = [job, j]
+            chunk.clear()
+
     try:
         for item in itertools.chain(items, [None]):
             if item is not None:
-                pending.append((item, None if item.error else _submit(pool, item, opts)))
+                entry = [item, None if item.error else _UNSENT, 0]
+                pending.append(entry)
+                if entry[1] is _UNSENT:
+                    chunk.append(entry)
+                    if len(chunk) >= CHUNK:
+                        send()
             while pending and (item is None or len(pending) >= IN_FLIGHT_PER_WORKER * workers):
+                if pending[0][1] is _UNSENT:
+                    send()
                 if pending[0][1] is not None and _crashed(pending[0][1]):
                     pool = _recover(pool, pending, opts, workers)
-                done, job = pending.popleft()
+                done, job, j = pending.popleft()
                 if job is None:
                     yield done, None, done.error
                     continue
                 try:
-                    result = job.result()
+                    result = job.result()[j]
                 except Exception as e:  # e.g. an item that cannot be pickled to the worker
                     result = None, (UNEXPECTED, f"{type(e).__name__}: {e}")
                 yield (done, *result)

@@ -15,6 +15,7 @@ from data.schema import (
     PIL_FORMATS,
     check_sample,
     decode_image,
+    decode_pixels,
     encode_image,
     make_sample,
 )
@@ -61,25 +62,29 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[dict[str, Any] | None,
     except OSError as e:
         return None, (UNREADABLE_FILE, str(e.strerror or e))
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            src_ext = _PIL_TO_EXT.get(probe.format or "")
+        with Image.open(io.BytesIO(data)) as probe:  # the header: format, size, EXIF orientation
+            src_ext, size = _PIL_TO_EXT.get(probe.format or ""), probe.size
             try:
                 orientation = probe.getexif().get(_ORIENTATION, 1)
             except Exception:  # an unreadable EXIF block: the pixels as stored
                 orientation = 1
-        img = decode_image(data)
+        ext = (src_ext or "png") if opts.fmt == "keep" else opts.fmt
+        upright = _UPRIGHT.get(orientation)  # EXIF-rotated camera images are stored upright (re-encoded)
+        resize = opts.max_side > 0 and max(size) > opts.max_side
+        if resize or upright is not None or ext != src_ext:
+            img = decode_image(data)
+        else:  # stored as it is: only check that it decodes whole, as the loader will (simplejpeg for JPEG)
+            img = None
+            decode_pixels(data)
     except UnidentifiedImageError:
         return None, (BAD_IMAGE, "empty file" if not data else "not an image PIL can read")
     except Exception as e:  # PIL raises many types for corrupt data
         return None, (BAD_IMAGE, f"{type(e).__name__}: {e}")
-    ext = (src_ext or "png") if opts.fmt == "keep" else opts.fmt
-    upright = _UPRIGHT.get(orientation)  # EXIF-rotated camera images are stored upright (re-encoded)
-    if upright is not None:
-        img = img.transpose(upright)
-    resize = opts.max_side > 0 and max(img.size) > opts.max_side
-    if resize:
-        img = img.resize(_fit(img.size, opts.max_side), Image.Resampling.LANCZOS)
-    if resize or upright is not None or ext != src_ext:
+    if img is not None:
+        if upright is not None:
+            img = img.transpose(upright)
+        if resize:
+            img = img.resize(_fit(img.size, opts.max_side), Image.Resampling.LANCZOS)
         data = encode_image(img, ext, opts.quality)
     sample = make_sample(item.key, data, meta, ext=ext)
     problems = check_sample(sample, decode=False)  # the image was decoded above: no second decode

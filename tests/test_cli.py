@@ -379,3 +379,21 @@ def test_export_of_a_zero3_checkpoint_needs_allow_pickle(tmp_path, capsys):
     info = json.loads(cli(capsys, "info", run / "checkpoints" / "step_00000001", "--json")[1])  # no unpickling
     assert info["training"]["zero_stage"] == 3
     assert info["parameters"]["total"] == json.loads(cli(capsys, "info", tmp_path / "tok", "--json")[1])["parameters"]["total"]
+
+
+def test_plan_prints_every_cost_with_its_source(capsys, tmp_path):
+    bench = {"machine": "test CPU", "side": 256, "results": {"keep": {"build_1w": 1000.0},
+                                                              "reencode": {"build_1w": 250.0}}}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    rc, out, _ = cli(capsys, "plan", "--images", "3600000", "--build_results", tmp_path / "b.json", "--json")
+    rows = {r["item"]: r for r in json.loads(out)["rows"]}
+    assert rc == 0 and rows["shards"]["value"].startswith("360 of 10,000")
+    assert rows["CPU-hours: build shards (as stored)"]["value"] == "1.0"  # 3.6M images at 1000/s on one core
+    assert rows["CPU-hours: build shards (resized + re-encoded)"]["source"].startswith("measured: 250 img/s")
+    assert all(r["source"].startswith("estimate") for k, r in rows.items() if k.startswith("GPU-hours"))
+    twice = json.loads(cli(capsys, "plan", "--images", "7200000", "--build_results", tmp_path / "b.json",
+                           "--json")[1])["rows"]
+    stage2 = [float(r["value"].replace(",", "")) for r in (*json.loads(out)["rows"], *twice) if "stage 2" in r["item"]]
+    assert stage2[1] == pytest.approx(2 * stage2[0], rel=0.01)  # linear in the image count
+    rc, _, err = cli(capsys, "plan", "--resolution", "64")
+    assert rc == 2 and "--resolution 64" in err

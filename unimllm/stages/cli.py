@@ -29,6 +29,7 @@ from unimllm import __version__
 from unimllm.command_line import FlagParser
 from unimllm.errors import ArtifactError
 from unimllm.stages.artifacts import describe, tokenizer_export, training_checkpoint, unified_export
+from unimllm.stages.planner import LLM_PARAMS, PEAK_BF16_TFLOPS, PlanInput, format_plan, plan, plan_json
 
 SEED_RULE = ("image j of prompt i (0-based, --n images per prompt) is drawn with its own generator "
              "torch.Generator('cpu').manual_seed(seed + i * n + j): independent of --batch")
@@ -258,6 +259,14 @@ def cmd_info(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def cmd_plan(args) -> int:
+    fields = {f: getattr(args, f) for f in PlanInput.__dataclass_fields__}
+    inp = PlanInput(**fields)
+    rows = plan(inp)
+    print(plan_json(inp, rows) if args.json else format_plan(inp, rows))
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -324,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "checkpoints): only for checkpoints you trust")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="shards, disk, CPU-hours and GPU-hours of a run at scale (docs/data.md)")
+    d = PlanInput()
+    p.add_argument("--images", type=_positive, default=d.images)
+    p.add_argument("--resolution", type=_positive, default=d.resolution)
+    p.add_argument("--shard_samples", type=_positive, default=d.shard_samples)
+    p.add_argument("--image_kb", type=float, default=d.image_kb, help="stored size of one image (an assumption)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="stage-1 preset (tokenizer.config.preset)")
+    p.add_argument("--stage1_steps", type=_positive, default=d.stage1_steps)
+    p.add_argument("--stage1_batch", type=_positive, default=d.stage1_batch)
+    p.add_argument("--llm", default=d.llm, choices=sorted(LLM_PARAMS))
+    p.add_argument("--text_tokens", type=_positive, default=d.text_tokens)
+    p.add_argument("--stage2_epochs", type=float, default=d.stage2_epochs)
+    p.add_argument("--gpu", default=d.gpu, choices=sorted(PEAK_BF16_TFLOPS))
+    p.add_argument("--mfu_tokenizer", type=float, default=d.mfu_tokenizer)
+    p.add_argument("--mfu_llm", type=float, default=d.mfu_llm)
+    p.add_argument("--build_results", default=d.build_results, help="benchmarks/build_shards.py's JSON")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("info", help="what a checkpoint is: config, parameters, sizes, provenance")
     p.add_argument("path", type=Path, help="tokenizer / unified export, training checkpoint or run directory")
