@@ -113,7 +113,7 @@ def generate_layout(out_dir: str | Path, prompts: str | Path | list[dict], gener
     ``generate_fn(prompt_texts, seeds)`` returns one uint8 (H, W, 3) array per entry, at most ``batch``
     per call; the seed of each image is :func:`sample_seed` ``(seed, index, j)``. A prompt whose folder
     already holds its metadata and all ``n_samples`` samples is skipped; any other is (re)done whole:
-    its metadata.jsonl is removed first and written last, every file through a temp name + os.replace.
+    its metadata.jsonl is removed first and written last, every file through a temp name and a rename (unimllm.files).
     Rank 0 writes ``<out>/manifest.json`` (format, seed rule, prompts sha256, ``manifest`` = sampler
     settings); every rank refuses a folder whose manifest has other settings. Returns counts
     ``{"prompts", "skipped", "generated", "images"}`` for this rank.

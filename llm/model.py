@@ -204,17 +204,25 @@ class UnifiedModel(nn.Module):
         """The LLM body (no LM head): BaseModelOutputWithPast with last_hidden_state (B, T, H)."""
         return self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
 
-    def block_mask(self, attention_mask: Tensor, block: Tensor, dtype: torch.dtype) -> Tensor:
-        """(B, T) padding mask and turn blocks (``ConversationEncoder.encode_blocks``) -> the 4D mask the LLM
-        takes as is, (B, 1, T, T): causal, real keys only, and a key of block k > 0 seen only from block k.
+    def block_mask(self, attention_mask: Tensor, block: Tensor | None, dtype: torch.dtype,
+                   segment: Tensor | None = None) -> Tensor:
+        """(B, T) padding mask, turn blocks (``ConversationEncoder.encode_blocks``) and packed samples
+        (``segment``, llm.batch.pack_sequences) -> the 4D mask the LLM takes as is, (B, 1, T, T): causal, real keys
+        only, a key of block k > 0 seen only from block k, a key seen only from its own sample.
         Boolean for sdpa, additive for eager; flash-attention takes no such mask."""
         impl = self.llm.config._attn_implementation
         if impl not in ("sdpa", "eager"):
-            raise ValueError(f"turn blocks (mix.independent_turns) need sdpa or eager attention, not {impl!r} "
-                             "(model.llm.attn_implementation)")
-        T = block.shape[1]
-        eye = torch.eye(T, dtype=torch.bool, device=block.device)
-        seen = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])  # (B, Tq, Tk): prefix or own block
+            raise ValueError(f"turn blocks (mix.independent_turns) and packed samples (mix.pack) need sdpa or eager "
+                             f"attention, not {impl!r} (model.llm.attn_implementation)")
+        ref = block if block is not None else segment
+        T = ref.shape[1]
+        eye = torch.eye(T, dtype=torch.bool, device=ref.device)
+        if block is not None:
+            seen = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])  # (B, Tq, Tk): prefix or own
+        else:
+            seen = torch.ones(ref.shape[0], T, T, dtype=torch.bool, device=ref.device)
+        if segment is not None:
+            seen = seen & (segment[:, None, :] == segment[:, :, None])  # (B, Tq, Tk): own sample only
         keep = seen & torch.ones_like(eye).tril() & attention_mask.bool()[:, None, :]  # causal, real keys
         keep = keep | eye  # padded queries see themselves (no empty softmax rows)
         if impl == "sdpa":
@@ -229,9 +237,10 @@ class UnifiedModel(nn.Module):
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor, kind: Tensor,
                 und_feats: Tensor | None = None, gen_codes: Tensor | None = None, block: Tensor | None = None,
-                position_ids: Tensor | None = None) -> dict[str, Tensor]:
+                position_ids: Tensor | None = None, segment: Tensor | None = None) -> dict[str, Tensor]:
         """One batch (see llm.conversation): input_ids/targets/kind/attention_mask (B, T); und_feats
-        (n_u, N, C); gen_codes (n_g, N, L_pix); packed turn blocks: block and position_ids (B, T).
+        (n_u, N, C); gen_codes (n_g, N, L_pix); turn blocks: block and position_ids (B, T); packed samples:
+        segment (B, T) too (llm.batch.pack_sequences).
         Returns loss and its parts (tensors)."""
         # Every module runs on every batch, on empty inputs when a modality is absent, so all ranks make the
         # same calls (ZeRO-3 gathers per module) and every trainable parameter gets a (zero) gradient.
@@ -241,8 +250,8 @@ class UnifiedModel(nn.Module):
         if gen_codes is None:
             gen_codes = input_ids.new_zeros(0, self.image_positions, L)
         emb = self.embed(input_ids, kind, und_feats, gen_codes)
-        if block is not None:
-            attention_mask = self.block_mask(attention_mask, block, emb.dtype)
+        if block is not None or segment is not None:
+            attention_mask = self.block_mask(attention_mask, block, emb.dtype, segment)
         h = self.hidden_states(emb, attention_mask, position_ids=position_ids).last_hidden_state  # (B, T, H)
         out: dict[str, Tensor] = {}
         loss = h.new_zeros((), dtype=torch.float32)  # + 0 * the logits of an absent part: all parameters in the graph

@@ -245,6 +245,60 @@ def test_task_parts_give_the_whole_batch_loss_and_gradient(evo, text_tok):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("split_tasks, blocks", [(False, False), (True, False), (False, True)])
+def test_packed_rows_give_the_unpacked_loss_and_gradient(evo, text_tok, split_tasks, blocks):
+    """mix.pack: samples packed into rows (each attending to itself, positions restarting) give the loss and the
+    gradients of the same samples one per row; with split_tasks the two tasks are packed apart; with turn blocks
+    (mix.independent_turns) the blocks stay blocks inside their sample."""
+    from llm.batch import collate_sequences, pack_sequences, task_parts
+
+    model = build(evo, text_tok, "qwen2", image_pos_embed=True).double().train()
+    enc = ConversationEncoder(text_tok, model.image_positions, 512)
+    convs = [UND_CONV, GEN_CONV, UND_CONV[:3], GEN_CONV, UND_CONV[:3]]
+    torch.manual_seed(3)
+    samples = []
+    for i, c in enumerate(convs):
+        e = enc.encode_blocks([c[:3], c]) if blocks and i % 2 == 0 else enc.encode(c)
+        row = {"__key__": str(i), "input_ids": e.input_ids, "targets": e.targets, "kind": e.kind,
+               "codes": torch.randint(0, 64, (4, 4, 6)).numpy()}
+        if e.block is not None:
+            row.update(block=e.block, position=e.position)
+        samples.append(row)
+
+    def inputs(x):
+        if "image_role" in x:
+            gen, und = x["image_role"] == GEN, x["image_role"] == UND
+        else:
+            gen, und = (x["kind"] == GEN).any(1), (x["kind"] == UND).any(1)
+        out = dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"], targets=x["targets"], kind=x["kind"],
+                   und_feats=evo.semantic_features(x["codes"][und]).double() if und.any() else None,
+                   gen_codes=x["codes"][gen][..., :3].flatten(1, 2))
+        if "block" in x:
+            out.update(block=x["block"], position_ids=x["position"])
+        if "segment" in x:
+            out["segment"] = x["segment"]
+        return out
+
+    def loss(b):
+        parts = task_parts(b) if split_tasks else [b]
+        return model.merge_parts([model(**inputs(p)) for p in parts])
+
+    def grads(b):
+        model.zero_grad()
+        loss(b)["loss"].backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = collate_sequences(samples, 0)
+    packed = pack_sequences(samples, 0, max_tokens=2 * max(len(s["input_ids"]) for s in samples), split_tasks=split_tasks)
+    assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]  # fewer rows, less padding
+    assert packed["attention_mask"].float().mean() > plain["attention_mask"].float().mean()
+    a, b = loss(plain), loss(packed)
+    for k in ("loss", "text_loss", "image_loss", "text_acc", "image_loss_d2"):
+        torch.testing.assert_close(b[k].double(), a[k].double(), rtol=1e-6, atol=1e-7)
+    for g1, g2 in zip(grads(plain), grads(packed)):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.gpu
 def test_depth_transformer_under_cuda_bf16_autocast():
     """The training shape (thousands of positions x 3-4 slots) under CUDA bf16 autocast: torch 2.11's fused

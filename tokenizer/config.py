@@ -68,6 +68,10 @@ class QuantizerConfig:
     """EMA cluster size under which a code counts as dead."""
     search_memory_mb: int = 64
     """Memory budget of one chunk of the nearest-code distance matrix (the full N x K is never built)."""
+    search: Literal["auto", "chunked", "fused"] = "auto"
+    """Nearest-code search: ``chunked`` (torch, any device), ``fused`` (the Triton kernel of
+    tokenizer.fused_search: no N x K traffic; CUDA, or the CPU under TRITON_INTERPRET=1), ``auto`` = fused on CUDA
+    when Triton is installed and the code dimension suits it, else chunked."""
 
     def validate(self) -> None:
         if not 1 <= self.depth_pix <= self.depth_sem:

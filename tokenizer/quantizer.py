@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tokenizer import fused_search
 from tokenizer.config import QuantizerConfig
+from tokenizer.fused_search import fused_nearest_codes
 
 # ----------------------------------------------------------------------------- distributed helpers
 # All are no-ops in a single process (torch.distributed missing, not initialised, or a world of one).
@@ -224,6 +226,17 @@ class ResidualQuantizer(nn.Module):
     # ------------------------------------------------------------------ internals
 
     @torch.no_grad()
+    def _fused(self, device: torch.device) -> bool:
+        """Whether this search runs the fused kernel (``cfg.search``; see tokenizer.fused_search)."""
+        mode, dim = self.cfg.search, self.cfg.dim
+        suits = dim >= 16 and dim & (dim - 1) == 0
+        if mode == "fused":
+            if not (suits and fused_search.available(device)):
+                raise RuntimeError(f"quantizer.search: fused needs Triton on CUDA (or TRITON_INTERPRET=1) and a "
+                                   f"power-of-two dim >= 16 (dim {dim}, device {device})")
+            return True
+        return mode == "auto" and device.type == "cuda" and suits and fused_search.available(device)
+
     def _quantize(self, z: Tensor, update: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Run the cascade on sg(z); returns codes (N, L), q_cum (L, N, D), usage, perplexity, restarts."""
         cfg = self.cfg
@@ -244,8 +257,9 @@ class ResidualQuantizer(nn.Module):
             codes = torch.empty(r.shape[0], L, dtype=torch.long, device=z.device)  # (N, L)
             q_cum = torch.empty(L, r.shape[0], D, device=z.device)  # (L, N, D)
             acc = torch.zeros_like(r)                              # (N, D)
+            fused = self._fused(r.device)
             for i in range(L):
-                k = nearest_codes(r, self.codebook[i], chunk)      # (N,)
+                k = fused_nearest_codes(r, self.codebook[i]) if fused else nearest_codes(r, self.codebook[i], chunk)
                 q = self.codebook[i][k]                            # (N, D) code vectors before this step's update
                 counts = torch.bincount(k, minlength=K).float()    # (K,)
                 if update:

@@ -49,6 +49,12 @@ class MixConfig:
     makes micro-batches of one task each; alternating them, the tiny model learned generation 3-4x slower
     per step (docs/results.md), and mixing them without grouping pads every generation row to an
     understanding row's length (1.6x slower steps)."""
+    pack: bool = False
+    """Pack several samples into each row of a micro-batch (first fit, in order), each attending only to itself
+    with positions restarting at 0 (llm.batch.pack_sequences): less padding, the same losses as unpacked rows.
+    Needs sdpa or eager attention."""
+    pack_tokens: int = 0
+    """Row length when packing (0: the micro-batch's longest sample)."""
     image_source: Literal["auto", "codes", "images"] = "auto"
     """auto: precomputed codes.npy when the shards have a codes_manifest.json, else encode images on the fly."""
 
@@ -121,6 +127,9 @@ class Stage2Config:
             raise ConfigError("data.sources", "no training shards configured")
         if not self.data.read_json:
             raise ConfigError("data.read_json", "stage 2 reads each record's json (conversations, prompts)")
+        if self.mix.pack and self.model.llm.attn_implementation == "flash_attention_2":
+            raise ConfigError("mix.pack", "packed samples need a 4D attention mask: sdpa or eager "
+                                          "model.llm.attn_implementation, not flash_attention_2")
         if self.mix.independent_turns and self.model.llm.attn_implementation == "flash_attention_2":
             raise ConfigError("mix.independent_turns", "turn blocks need a 4D attention mask: sdpa or eager "
                                                        "model.llm.attn_implementation, not flash_attention_2")

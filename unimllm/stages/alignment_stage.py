@@ -25,7 +25,7 @@ from data.corpus import corpus
 from data.grouping import LengthGroupedBatches
 from data.loader import StreamingLoader, eval_loader, existing_shards
 from data.transforms import normalize
-from llm.batch import collate_sequences, task_parts
+from llm.batch import collate_sequences, pack_sequences, task_parts
 from llm.conversation import GEN, UND, ConversationEncoder
 from llm.model import build_unified
 from llm.text_tokenizer import load_text_tokenizer, train_text_tokenizer
@@ -128,7 +128,7 @@ class Stage2Task(Task):
         self.loader = loader
         task = (lambda s: bool((s["kind"] == GEN).any())) if cfg.mix.split_tasks else None
         self.batches = LengthGroupedBatches(loader, mb, lambda s: len(s["input_ids"]),
-                                            lambda s: collate_sequences(s, self.pad_id), seed=cfg.data.seed,
+                                            self._collate, seed=cfg.data.seed,
                                             stratum=task)
 
     def optimizers(self):
@@ -148,18 +148,30 @@ class Stage2Task(Task):
             return codes.to(self.device)
         return self.tokenizer.encode(normalize(batch["image"].to(self.device)))
 
+    def _collate(self, samples: list[dict]) -> dict:
+        mix = self.cfg.mix
+        if mix.pack:
+            return pack_sequences(samples, self.pad_id, mix.pack_tokens, mix.split_tasks)
+        return collate_sequences(samples, self.pad_id)
+
     def _inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         dev, L = self.device, self.model.dims.depth_pix
         codes = self._codes(batch)
         kind = batch["kind"].to(dev)
-        und = (kind == UND).any(1)  # (B,)
-        gen = (kind == GEN).any(1)
+        if "image_role" in batch:  # packed rows: one image per sample, the samples in row-major order
+            role = batch["image_role"].to(dev)
+            und, gen = role == UND, role == GEN  # (n,)
+        else:
+            und = (kind == UND).any(1)  # (B,)
+            gen = (kind == GEN).any(1)
         und_feats = self.tokenizer.semantic_features(codes[und]) if und.any() else None  # (n_u, N, C)
         gen_codes = codes[gen][..., :L].flatten(1, 2)  # (n_g, N, L_pix)
         out = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev),
                "targets": batch["targets"].to(dev), "kind": kind, "und_feats": und_feats, "gen_codes": gen_codes}
         if "block" in batch:
             out.update(block=batch["block"].to(dev), position_ids=batch["position"].to(dev))
+        if "segment" in batch:
+            out["segment"] = batch["segment"].to(dev)
         return out
 
     def micro_step(self, engines: dict[str, Any], batch: Any, step: int) -> dict[str, float]:

@@ -106,6 +106,10 @@ class InstructMixConfig:
     """Length grouping: sort this many micro-batches' samples by length and re-batch them (1 = off)."""
     split_tasks: bool = False
     """Micro-batches keep the understanding/generation mix, one forward per task (stage 2's ``mix.split_tasks``)."""
+    pack: bool = False
+    """Pack several samples into each row (stage 2's ``mix.pack``)."""
+    pack_tokens: int = 0
+    """Row length when packing (0: the micro-batch's longest sample)."""
     image_source: Literal["auto", "codes", "images"] = "auto"
     """auto: precomputed codes.npy when the shards have a codes_manifest.json, else encode images on the fly."""
 
