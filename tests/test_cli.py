@@ -395,5 +395,7 @@ def test_plan_prints_every_cost_with_its_source(capsys, tmp_path):
                            "--json")[1])["rows"]
     stage2 = [float(r["value"].replace(",", "")) for r in (*json.loads(out)["rows"], *twice) if "stage 2" in r["item"]]
     assert stage2[1] == pytest.approx(2 * stage2[0], rel=0.01)  # linear in the image count
+    rc, out, _ = cli(capsys, "plan", "--build_results", tmp_path / "none.json")
+    assert rc == 0 and "no measurement at" in out and "run benchmarks/build_shards.py" in out
     rc, _, err = cli(capsys, "plan", "--resolution", "64")
     assert rc == 2 and "--resolution 64" in err

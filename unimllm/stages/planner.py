@@ -106,7 +106,10 @@ def plan(inp: PlanInput) -> list[dict[str, Any]]:
              {"item": "disk: + codes.npy", "value": f"{codes_bytes / 1e12:.2f} TB ({g}x{g}x{L} uint16 a sample)",
               "source": "exact"}]
     bench = build_rates(inp.build_results)
-    if bench:
+    if not bench:
+        rows.append({"item": "CPU-hours: build shards", "value": "n/a",
+                     "source": f"no measurement at {inp.build_results}: run benchmarks/build_shards.py"})
+    else:
         for mode, label in (("keep", "as stored"), ("reencode", "resized + re-encoded")):
             r = bench["results"][mode]
             per_core = r["build_1w"]
