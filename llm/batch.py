@@ -63,18 +63,18 @@ def pack_sequences(samples: list[dict], pad_id: int, max_tokens: int = 0, split_
         rows += mine
     T = max(sum(len(s["input_ids"]) for s in row) for row in rows)
 
-    def row_of(key: str, value: int, per_sample) -> torch.Tensor:
+    def row_of(value: int, per_sample) -> torch.Tensor:
         cat = [np.concatenate([per_sample(j, s) for j, s in enumerate(row)]) for row in rows]
         return torch.from_numpy(np.stack([np.pad(c, (0, T - len(c)), constant_values=value) for c in cat]).astype(np.int64))
 
     order = [s for row in rows for s in row]
     out = {"__key__": [s["__key__"] for s in order],
-           "input_ids": row_of("input_ids", pad_id, lambda j, s: s["input_ids"]),
-           "targets": row_of("targets", IGNORE, lambda j, s: s["targets"]),
-           "kind": row_of("kind", 0, lambda j, s: s["kind"]),
-           "segment": row_of("segment", 0, lambda j, s: np.full(len(s["input_ids"]), j + 1)),
-           "block": row_of("block", 0, lambda j, s: s.get("block", np.zeros(len(s["input_ids"]), np.int64))),
-           "position": row_of("position", 0, lambda j, s: s.get("position", np.arange(len(s["input_ids"])))),
+           "input_ids": row_of(pad_id, lambda j, s: s["input_ids"]),
+           "targets": row_of(IGNORE, lambda j, s: s["targets"]),
+           "kind": row_of(0, lambda j, s: s["kind"]),
+           "segment": row_of(0, lambda j, s: np.full(len(s["input_ids"]), j + 1)),
+           "block": row_of(0, lambda j, s: s.get("block", np.zeros(len(s["input_ids"]), np.int64))),
+           "position": row_of(0, lambda j, s: s.get("position", np.arange(len(s["input_ids"])))),
            "image_role": torch.tensor([image_role(s["kind"]) for s in order], dtype=torch.long)}
     out["attention_mask"] = (out["segment"] > 0).long()
     for key in ("codes", "image"):
